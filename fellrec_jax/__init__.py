@@ -1,0 +1,1 @@
+"""fellrec_jax: FELLRec (federated fine-tuning of LLM-based recommenders) in JAX/Flax."""
