@@ -1,0 +1,273 @@
+"""Hugging Face interop: Llama checkpoints (config.json + safetensors) and PEFT LoRA adapters.
+
+Our layout stores projection kernels [in, out] stacked over layers; Hugging Face stores one `[out, in]`
+tensor per layer. Everything here is local-disk only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fellrec_jax import lora as lora_lib
+from fellrec_jax import model as model_lib
+
+_HF_MODULE = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+_HF_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
+_PEFT_PREFIX = "base_model.model.model.layers"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or adapter directory that cannot be used, with the file and the key at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(hf_config: transformers.LlamaConfig, dtype: str = "float32") -> model_lib.LlamaConfig:
+  """Our LlamaConfig from a transformers LlamaConfig (rope parameters in either the old or new format)."""
+  rope = dict(hf_config.rope_parameters or {})
+  theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+  rope.setdefault("rope_type", rope.pop("type", "default"))
+  if rope["rope_type"] == "default":
+    rope = {"rope_type": "default"}
+  eos = hf_config.eos_token_id
+  return model_lib.LlamaConfig(
+      vocab_size=hf_config.vocab_size,
+      hidden_size=hf_config.hidden_size,
+      intermediate_size=hf_config.intermediate_size,
+      num_layers=hf_config.num_hidden_layers,
+      num_heads=hf_config.num_attention_heads,
+      num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+      head_dim=hf_config.head_dim or hf_config.hidden_size // hf_config.num_attention_heads,
+      rms_norm_eps=hf_config.rms_norm_eps,
+      rope_theta=float(theta),
+      rope_scaling=tuple(sorted(rope.items())) if rope["rope_type"] != "default" else (),
+      max_position_embeddings=hf_config.max_position_embeddings,
+      tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+      attention_bias=bool(hf_config.attention_bias),
+      mlp_bias=bool(hf_config.mlp_bias),
+      initializer_range=hf_config.initializer_range,
+      bos_token_id=hf_config.bos_token_id,
+      eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+      pad_token_id=hf_config.pad_token_id,
+      dtype=dtype,
+  )
+
+
+def config_to_hf(cfg: model_lib.LlamaConfig) -> transformers.LlamaConfig:
+  rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **dict(cfg.rope_scaling)}
+  return transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+      rope_parameters=rope, max_position_embeddings=cfg.max_position_embeddings,
+      tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+      initializer_range=cfg.initializer_range, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+      pad_token_id=cfg.pad_token_id, architectures=["LlamaForCausalLM"])
+
+
+def load_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> model_lib.LlamaConfig:
+  path = Path(hf_dir) / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Llama checkpoint directory)")
+  hf_config = transformers.AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+  if hf_config.model_type != "llama":
+    raise CheckpointError(f"{path}: model_type is {hf_config.model_type!r}; only 'llama' is supported")
+  return config_from_hf(hf_config, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Base weights
+
+
+def _safetensors_files(hf_dir: Path) -> list[Path]:
+  index = hf_dir / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [hf_dir / name for name in sorted(set(weight_map.values()))]
+  single = hf_dir / "model.safetensors"
+  if single.is_file():
+    return [single]
+  raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                        "checkpoints are supported; convert .bin files with transformers' save_pretrained)")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
+  tensors = {}
+  for path in files:
+    with safe_open(str(path), framework="numpy") as f:
+      for key in f.keys():
+        tensors[key] = f.get_tensor(key)
+  return tensors
+
+
+def _take(tensors: dict, key: str, shape: tuple, where: Path) -> np.ndarray:
+  if key not in tensors:
+    raise CheckpointError(f"{where}: tensor {key!r} is missing")
+  value = tensors.pop(key)
+  if tuple(value.shape) != tuple(shape):
+    raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}, config says {tuple(shape)}")
+  return value
+
+
+def load_params(hf_dir: str | os.PathLike, cfg: model_lib.LlamaConfig, param_dtype=None) -> dict:
+  """Base params from a Hugging Face Llama directory (single or sharded safetensors)."""
+  hf_dir = Path(hf_dir)
+  tensors = _read_tensors(_safetensors_files(hf_dir))
+  cast = (lambda x: x) if param_dtype is None else (lambda x: x.astype(param_dtype))
+  shapes = lora_lib.projection_shapes(cfg)
+  layers = {}
+  for name, module in _HF_MODULE.items():
+    fan_in, fan_out = shapes[name]
+    layers[name] = cast(np.stack([
+        _take(tensors, f"model.layers.{i}.{module}.weight", (fan_out, fan_in), hf_dir).T
+        for i in range(cfg.num_layers)]))
+    if model_lib._has_bias(cfg, name):
+      layers[name + "_bias"] = cast(np.stack([
+          _take(tensors, f"model.layers.{i}.{module}.bias", (fan_out,), hf_dir) for i in range(cfg.num_layers)]))
+  for name, module in _HF_NORMS.items():
+    layers[name] = cast(np.stack([
+        _take(tensors, f"model.layers.{i}.{module}.weight", (cfg.hidden_size,), hf_dir)
+        for i in range(cfg.num_layers)]))
+  params = {
+      "embed": cast(_take(tensors, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), hf_dir)),
+      "layers": layers,
+      "norm": cast(_take(tensors, "model.norm.weight", (cfg.hidden_size,), hf_dir)),
+  }
+  head = tensors.pop("lm_head.weight", None)
+  if not cfg.tie_word_embeddings:
+    if head is None:
+      raise CheckpointError(f"{hf_dir}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
+    params["lm_head"] = cast(head.T)
+  unused = [k for k in tensors if "rotary_emb" not in k]
+  if unused:
+    raise CheckpointError(f"{hf_dir}: unexpected tensors {sorted(unused)[:5]} (not a plain Llama checkpoint?)")
+  return jax.tree.map(np.ascontiguousarray, params)
+
+
+def load_llama(hf_dir, dtype: str = "float32", param_dtype=None):
+  """(config, base params) of a local Hugging Face Llama checkpoint directory."""
+  cfg = load_config(hf_dir, dtype)
+  return cfg, load_params(hf_dir, cfg, param_dtype)
+
+
+def save_llama(hf_dir, cfg: model_lib.LlamaConfig, params: dict, max_shard_bytes: int | None = None) -> None:
+  """Write config.json and safetensors that `LlamaForCausalLM.from_pretrained` loads."""
+  hf_dir = Path(hf_dir)
+  hf_dir.mkdir(parents=True, exist_ok=True)
+  config_to_hf(cfg).save_pretrained(str(hf_dir))
+  params = jax.tree.map(np.asarray, params)
+  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
+  if "lm_head" in params:
+    tensors["lm_head.weight"] = params["lm_head"].T
+  for i in range(cfg.num_layers):
+    for name, module in _HF_MODULE.items():
+      tensors[f"model.layers.{i}.{module}.weight"] = params["layers"][name][i].T
+      if name + "_bias" in params["layers"]:
+        tensors[f"model.layers.{i}.{module}.bias"] = params["layers"][name + "_bias"][i]
+    for name, module in _HF_NORMS.items():
+      tensors[f"model.layers.{i}.{module}.weight"] = params["layers"][name][i]
+  _write_safetensors(hf_dir, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, max_shard_bytes)
+
+
+def _write_safetensors(hf_dir: Path, tensors: dict, max_shard_bytes: int | None) -> None:
+  metadata = {"format": "pt"}
+  if not max_shard_bytes or sum(v.nbytes for v in tensors.values()) <= max_shard_bytes:
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata=metadata)
+    return
+  shards, current, size = [], {}, 0
+  for key, value in tensors.items():
+    if current and size + value.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[key] = value
+    size += value.nbytes
+  shards.append(current)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, str(hf_dir / name), metadata=metadata)
+    weight_map.update({key: name for key in shard})
+  index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+  (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT adapters
+
+
+def save_peft_adapter(out_dir, adapters: dict, lcfg: lora_lib.LoraConfig, base_model_name_or_path: str = "") -> None:
+  """adapter_config.json + adapter_model.safetensors in PEFT's LoRA format."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank, "lora_alpha": lcfg.alpha,
+      "lora_dropout": lcfg.dropout, "target_modules": sorted(lcfg.targets), "use_rslora": lcfg.use_rslora,
+      "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+      "base_model_name_or_path": base_model_name_or_path, "init_lora_weights": True,
+  }
+  (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+  tensors = {}
+  for name, ab in adapters.items():
+    a, b = np.asarray(ab["a"]), np.asarray(ab["b"])
+    for i in range(a.shape[0]):
+      key = f"{_PEFT_PREFIX}.{i}.{_HF_MODULE[name]}"
+      tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+      tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+  save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_peft_config(adapter_dir) -> lora_lib.LoraConfig:
+  path = Path(adapter_dir) / "adapter_config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no adapter_config.json (expected a PEFT LoRA adapter directory)")
+  raw = json.loads(path.read_text())
+  if raw.get("peft_type", "LORA") != "LORA":
+    raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
+  for field in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+    if raw.get(field):
+      raise CheckpointError(f"{path}: field {field!r} is not supported (per-layer LoRA settings)")
+  if raw.get("use_dora"):
+    raise CheckpointError(f"{path}: field 'use_dora' is true; DoRA is not supported")
+  targets = raw.get("target_modules")
+  if isinstance(targets, str) or not targets:
+    raise CheckpointError(f"{path}: field 'target_modules' must be a list of projection names, got {targets!r}")
+  return lora_lib.LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                             dropout=float(raw.get("lora_dropout", 0.0)),
+                             targets=tuple(sorted(targets)), use_rslora=bool(raw.get("use_rslora", False)))
+
+
+def load_peft_adapter(adapter_dir, cfg: model_lib.LlamaConfig):
+  """(LoraConfig, adapters) from a PEFT LoRA directory saved for a LlamaForCausalLM."""
+  adapter_dir = Path(adapter_dir)
+  lcfg = load_peft_config(adapter_dir)
+  path = adapter_dir / "adapter_model.safetensors"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: missing (only safetensors adapters are supported)")
+  tensors = _read_tensors([path])
+  shapes = lora_lib.projection_shapes(cfg)
+  adapters = {}
+  for name in lcfg.targets:
+    fan_in, fan_out = shapes[name]
+    a, b = [], []
+    for i in range(cfg.num_layers):
+      key = f"{_PEFT_PREFIX}.{i}.{_HF_MODULE[name]}"
+      a.append(_take(tensors, f"{key}.lora_A.weight", (lcfg.rank, fan_in), path).T)
+      b.append(_take(tensors, f"{key}.lora_B.weight", (fan_out, lcfg.rank), path).T)
+    adapters[name] = {"a": np.stack(a).astype(np.float32), "b": np.stack(b).astype(np.float32)}
+  if tensors:
+    raise CheckpointError(f"{path}: unexpected tensors {sorted(tensors)[:5]}")
+  return lcfg, adapters

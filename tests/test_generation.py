@@ -1,0 +1,88 @@
+"""Greedy and beam search equal transformers' generate(do_sample=False), token for token."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS, make_hf_model, to_ours
+from fellrec_jax import generation, lora
+from test_lora import peft_model, randomize
+
+LCFG = lora.LoraConfig(rank=4, dropout=0.0)
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def peaky(tmp_path_factory):
+  """A tiny model whose next-token distributions are peaked, so EOS and repetitions occur."""
+  hf = make_hf_model(seed=3, vocab_size=61, num_hidden_layers=2, **TINY_CONFIGS["mqa"])
+  with torch.no_grad():
+    hf.lm_head.weight.mul_(6.0)
+    # EOS resembles a frequent token, so that some rows stop early and others run to max_new_tokens.
+    hf.lm_head.weight[2] = 0.5 * hf.lm_head.weight[2] + 0.9 * hf.lm_head.weight[8]
+  cfg, params = to_ours(hf, tmp_path_factory.mktemp("peaky"))
+  rs = np.random.RandomState(0)
+  ids = rs.randint(3, cfg.vocab_size, (4, 9))
+  mask = np.ones_like(ids)
+  mask[1, :3] = mask[2, :5] = mask[3, :1] = 0
+  ids[mask == 0] = 0
+  return hf, cfg, params, ids, mask
+
+
+def hf_generate(hf, ids, mask, num_beams):
+  with torch.no_grad():
+    out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=MAX_NEW,
+                      num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+  return out.numpy()[:, ids.shape[1]:]
+
+
+def assert_same_tokens(ours: generation.Output, ref: np.ndarray):
+  tokens, lengths = np.asarray(ours.tokens), np.asarray(ours.lengths)
+  for row in range(ref.shape[0]):
+    eos = np.flatnonzero(ref[row] == 2)
+    n = eos[0] + 1 if len(eos) else MAX_NEW
+    assert lengths[row] == n, row
+    np.testing.assert_array_equal(tokens[row, :n], ref[row, :n])
+
+
+def test_greedy_equals_transformers(peaky):
+  hf, cfg, params, ids, mask = peaky
+  ref = hf_generate(hf, ids, mask, 1)
+  out = generation.greedy(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, eos_id=2, pad_id=0)
+  assert (ref == 2).any() and not (ref == 2).any(axis=1).all()  # some rows stop early, others do not
+  assert_same_tokens(out, ref)
+
+
+def test_greedy_with_adapters_equals_peft(peaky):
+  hf, cfg, params, ids, mask = peaky
+  adapters = randomize(lora.init_adapters(cfg, LCFG, jax.random.PRNGKey(0)), scale=0.3)
+  reference = peft_model(hf, LCFG, adapters)
+  ref = hf_generate(reference, ids, mask, 1)
+  reference.unload()
+  out = generation.greedy(params, adapters, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, eos_id=2,
+                          pad_id=0)
+  assert not np.array_equal(ref, hf_generate(hf, ids, mask, 1))  # the adapters change the output
+  assert_same_tokens(out, ref)
+
+
+def test_four_beam_search_equals_transformers(peaky):
+  hf, cfg, params, ids, mask = peaky
+  ref = hf_generate(hf, ids, mask, 4)
+  out = generation.beam_search(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=4,
+                               eos_id=2, pad_id=0)
+  assert (ref == 2).any()
+  assert_same_tokens(out, ref)
+  greedy = generation.greedy(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, eos_id=2, pad_id=0)
+  assert not np.array_equal(np.asarray(greedy.tokens), np.asarray(out.tokens))  # beams found other sequences
+
+
+def test_beam_scores_match_transformers(peaky):
+  hf, cfg, params, ids, mask = peaky
+  with torch.no_grad():
+    out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=MAX_NEW, num_beams=3,
+                      do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
+                      return_dict_in_generate=True)
+  ours = generation.beam_search(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=3,
+                                eos_id=2, pad_id=0)
+  np.testing.assert_allclose(np.asarray(ours.scores), out.sequences_scores.numpy(), rtol=1e-5)
