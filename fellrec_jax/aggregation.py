@@ -1,0 +1,95 @@
+"""Server aggregation as pure functions on client-stacked pytrees (leading axis C).
+
+Every aggregator is a row-stochastic mixing matrix A [C, C] applied as theta_i <- sum_j A_ij theta_j:
+FELLRec's similarity/heat matrix (SPEC §4), FedAvg's sample-weighted mean, or the identity (local
+training, centralized). The FELLRec update is also available in its heated server-optimizer form
+(`heating.heated_server_step`) and as the reference's sequential in-place loop (quirk (b) of SPEC §4).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fellrec_jax import heating
+
+
+def flatten_clients(tree):
+  """[C, P] matrix of each client's flattened parameters (float32)."""
+  return jax.vmap(lambda t: ravel_pytree(t)[0])(tree).astype(jnp.float32)
+
+
+def unflatten_clients(theta_CxP, like):
+  """Inverse of flatten_clients for a client-stacked pytree shaped like `like`."""
+  _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], like))
+  return jax.vmap(unravel)(theta_CxP)
+
+
+def similarity(theta_CxP):
+  """s_ij = (cos(theta_i, theta_j) + 1) / 2 with s_ii = 1 (a zero vector has cosine 0 to the others)."""
+  norms = jnp.linalg.norm(theta_CxP, axis=1)
+  unit = theta_CxP / jnp.where(norms > 0, norms, 1.0)[:, None]
+  s = (unit @ unit.T + 1.0) / 2.0
+  return jnp.where(jnp.eye(s.shape[0], dtype=bool), 1.0, s)
+
+
+@functools.partial(jax.jit, static_argnames=("skip_warm_when_beta_is_1",))
+def fellrec_matrix(theta, losses, round_index, *, alpha, beta, temperature=0.05, skip_warm_when_beta_is_1=False):
+  """FELLRec's row-normalised mixing matrix [C, C]: a_ii = 1, a_ij = s_ij * w_i, rows divided by their sum.
+
+  theta: [C, P] flattened client parameters; losses: [C] mean training losses of the round; round_index: t.
+  With skip_warm_when_beta_is_1, beta == 1 drops w_i as the reference code does (quirk (a)).
+  """
+  s = similarity(jnp.asarray(theta, jnp.float32))
+  w = heating.warm_weights(losses, round_index, alpha=alpha, beta=beta, temperature=temperature)
+  if skip_warm_when_beta_is_1:
+    w = jnp.where(jnp.asarray(beta) == 1, 1.0, w)
+  a = jnp.where(jnp.eye(s.shape[0], dtype=bool), 1.0, s * w[:, None])
+  return a / jnp.sum(a, axis=1, keepdims=True)
+
+
+@jax.jit
+def fellrec_reference_sequential(theta, losses, round_index, *, alpha, beta, temperature=0.05):
+  """The reference's update: clients updated one by one in place, so client i mixes the already-updated
+  clients j < i (quirk (b)); similarities come from the round's parameters; beta == 1 skips w_i (quirk (a)).
+  Returns the new [C, P] parameters."""
+  theta = jnp.asarray(theta, jnp.float32)
+  s = similarity(theta)
+  w = heating.warm_weights(losses, round_index, alpha=alpha, beta=beta, temperature=temperature)
+  w = jnp.where(jnp.asarray(beta) == 1, 1.0, w)
+  C = theta.shape[0]
+
+  def update_client(i, theta):
+    row = jnp.where(jnp.arange(C) == i, s[i], s[i] * w[i])
+    return theta.at[i].set(row @ theta / jnp.sum(row))
+
+  return jax.lax.fori_loop(0, C, update_client, theta)
+
+
+def fedavg_matrix(num_examples):
+  """Every row is the sample-weighted mean: a_ij = n_j / sum(n)."""
+  n = jnp.asarray(num_examples, jnp.float32)
+  return jnp.broadcast_to(n / jnp.sum(n), (n.shape[0], n.shape[0]))
+
+
+def identity_matrix(num_clients: int):
+  return jnp.eye(num_clients, dtype=jnp.float32)
+
+
+@jax.jit
+def mix(tree, matrix_CxC):
+  """theta_i <- sum_j A_ij theta_j for every leaf of a client-stacked pytree."""
+  return jax.tree.map(
+      lambda x: jnp.einsum("ij,j...->i...", matrix_CxC, x.astype(jnp.float32)).astype(x.dtype), tree)
+
+
+def pseudo_gradients(tree, similarity_CxC):
+  """g_i = theta_i - m_i, m_i = sum_{j != i} s_ij theta_j / sum_{j != i} s_ij (the heated step's input)."""
+  off = jnp.where(jnp.eye(similarity_CxC.shape[0], dtype=bool), 0.0, similarity_CxC)
+  total = jnp.sum(off, axis=1, keepdims=True)
+  neighbours = off / jnp.where(total > 0, total, 1.0)  # a lone client has no neighbours: m_i = 0, eta_i = 0
+  return jax.tree.map(lambda x: x - jnp.einsum("ij,j...->i...", neighbours, x.astype(jnp.float32)).astype(x.dtype),
+                      tree)
