@@ -53,8 +53,9 @@ EDITIONS = ["", "", "", ": Deluxe Edition", " [Online Game Code]", " - Game of t
 def default_config() -> ml_collections.ConfigDict:
   """The generator's settings; configs/data.py documents each field."""
   return ml_collections.ConfigDict(dict(
-      seed=0, num_users=320, num_series=44, max_installments=4, num_groups=6, group_skew=1.2,
+      seed=0, num_users=320, num_series=44, max_installments=4, num_groups=6, group_skew=1.5,
       mean_length=18, min_length=8, max_length=40, sequel_prob=(0.75, 0.15), genre_prob=0.5,
+      genre_boost=30.0, family_boost=30.0,
       days=720, min_span=0.8, popularity_shape=3.0, k_core=5, window=10))
 
 
@@ -140,7 +141,7 @@ def make_interactions(rng: np.random.Generator, items: pd.DataFrame, config) -> 
   group_of_user = rng.choice(len(groups), size=config.num_users, p=[g["share"] for g in groups])
   rows = []
   for user, g in enumerate(group_of_user):
-    taste = _taste(items, groups[g], popularity)
+    taste = _taste(items, groups[g], popularity, config)
     length = int(np.clip(rng.poisson(config.mean_length), config.min_length, config.max_length))
     sequence = _sequence(rng, items, taste, next_installment, groups[g]["sequel_prob"],
                          config.genre_prob, length)
@@ -153,10 +154,11 @@ def make_interactions(rng: np.random.Generator, items: pd.DataFrame, config) -> 
   return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
 
 
-def _taste(items: pd.DataFrame, group: dict, popularity: np.ndarray) -> np.ndarray:
+def _taste(items: pd.DataFrame, group: dict, popularity: np.ndarray, config) -> np.ndarray:
   liked_genre = items["genre"].isin(group["genres"]).to_numpy()
   own_family = (items["family"] == group["family"]).to_numpy()
-  return popularity * np.where(liked_genre, 8.0, 1.0) * np.where(own_family, 6.0, 1.0)
+  return (popularity * np.where(liked_genre, config.genre_boost, 1.0)
+          * np.where(own_family, config.family_boost, 1.0))
 
 
 def _next_installments(items: pd.DataFrame) -> list[np.ndarray]:
