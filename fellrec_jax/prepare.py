@@ -61,8 +61,7 @@ def build_dataset(interactions: pd.DataFrame, items: pd.DataFrame,
   train, valid, test, histories = _samples(table, catalog, construction, stats)
   stats.update(users=len(histories), items=len(catalog), train_samples=len(train),
                valid_samples=len(valid), test_samples=len(test))
-  for key, value in stats.items():
-    logger.info("prepare: %s = %d", key, value)
+  logger.info("construction counts: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
   return Dataset(tuple(train), tuple(valid), tuple(test), catalog, histories, user_keys), stats
 
 
@@ -322,8 +321,7 @@ def read_amazon(reviews_path, meta_path) -> tuple[pd.DataFrame, pd.DataFrame, di
       stats["reviews_without_metadata"] += 1
     else:
       rows.append((user, asin, time))
-  for key, value in stats.items():
-    logger.info("amazon: %s = %d", key, value)
+  logger.info("amazon counts: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
   if not rows:
     raise DataError("no usable review (each needs reviewerName and an asin with metadata)",
                     file=reviews_path)

@@ -3,6 +3,8 @@ BPE trained on the catalog titles and the prompt template, saved with the run (H
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -16,6 +18,7 @@ from fellrec_jax.records import INPUT_END, DataError, Record, make_record, parse
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, Llama's order for unk/bos/eos
+FINGERPRINT_FILE = "fellrec_training.json"  # what the saved BPE was trained on
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +70,28 @@ def load_or_train_tokenizer(*, tokenizer_path: str, dataset: Dataset, vocab_size
   in `save_dir` if there is one (a resumed run); else a new BPE, saved to `save_dir`."""
   if tokenizer_path:
     return load_tokenizer(tokenizer_path)
+  texts = training_texts(dataset)
+  fingerprint = {"vocab_size": vocab_size,
+                 "corpus_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest()}
   if save_dir is not None and (Path(save_dir) / "tokenizer.json").exists():
+    _check_fingerprint(Path(save_dir), fingerprint)
     logger.info("reusing the run's tokenizer in %s", save_dir)
     return load_tokenizer(save_dir)
-  tokenizer = train_bpe_tokenizer(training_texts(dataset), vocab_size)
+  tokenizer = train_bpe_tokenizer(texts, vocab_size)
   logger.info("trained a byte-level BPE of %d tokens on %d titles", len(tokenizer), len(dataset.catalog))
   if save_dir is not None:
     tokenizer.save_pretrained(str(save_dir))
+    (Path(save_dir) / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1) + "\n")
   return tokenizer
+
+
+def _check_fingerprint(save_dir: Path, fingerprint: dict) -> None:
+  """A resumed run must reuse its own tokenizer, not one trained on other data or settings."""
+  file = save_dir / FINGERPRINT_FILE
+  saved = json.loads(file.read_text()) if file.exists() else None
+  if saved != fingerprint:
+    raise DataError("this tokenizer was trained on other data or another vocab_size; use a fresh "
+                    "workdir or delete the tokenizer directory", file=save_dir)
 
 
 def load_tokenizer(path) -> PreTrainedTokenizerFast:
