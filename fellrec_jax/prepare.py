@@ -175,7 +175,7 @@ def _samples(table: pd.DataFrame, catalog, construction: Construction, stats: di
     valid_items = list(titles[parts == 1])
     test_items = list(titles[parts == 2])
     m = len(train_items)
-    for i in range(min(window, m - 1), m):
+    for i in range(min(window, m - 1), m) if m else ():  # m = 0 would give range(-1, 0)
       history = train_items[max(i - window, 0):i]
       if not history:
         counts["train_targets_without_history"] += 1
