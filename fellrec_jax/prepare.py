@@ -293,7 +293,8 @@ def read_amazon(reviews_path, meta_path) -> tuple[pd.DataFrame, pd.DataFrame, di
   rating, without reviewerName, or whose asin has no metadata line are dropped (counted).
   """
   stats = dict.fromkeys(["reviews_read", "reviews_without_reviewer_name", "reviews_negative_rating",
-                         "reviews_without_metadata", "meta_lines_read", "meta_lines_without_asin"], 0)
+                         "reviews_without_metadata", "meta_lines_read", "meta_lines_without_asin",
+                         "meta_duplicate_asins"], 0)
   titles = {}
   for line, obj in _json_lines(meta_path):
     stats["meta_lines_read"] += 1
@@ -305,6 +306,8 @@ def read_amazon(reviews_path, meta_path) -> tuple[pd.DataFrame, pd.DataFrame, di
     if not isinstance(title, str):
       raise DataError(f"must be a string, got {title!r}", file=meta_path, index=line, field="title",
                       unit="line")
+    if asin in titles:
+      stats["meta_duplicate_asins"] += 1  # the first line's title is kept
     titles.setdefault(asin, title)
   rows = []
   for line, obj in _json_lines(reviews_path):

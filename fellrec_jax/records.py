@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 TITLE_SEPARATOR = '", "'
 INPUT_END = "\n "
 FIELDS = ("instruction", "input", "output", "user")
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -183,7 +186,11 @@ def load_records(path) -> list[Record]:
                     file=path) from None
   if not isinstance(data, list):
     raise DataError(f"a BIGRec file must hold a JSON list of records, got {_json_type(data)}", file=path)
-  return [record_from_json(obj, file=path, index=i) for i, obj in enumerate(data)]
+  records = [record_from_json(obj, file=path, index=i) for i, obj in enumerate(data)]
+  extra = sorted({key for obj in data for key in obj if key not in FIELDS})
+  if extra:
+    logger.warning("%s: fields %s are not part of a record and are ignored", path, extra)
+  return records
 
 
 def records_to_json(records: Iterable[Record]) -> list[dict]:
