@@ -17,7 +17,7 @@ from tqdm import tqdm
 from fellrec_jax import batching, partition, prompts, synthetic
 from fellrec_jax.dataset import Dataset, load_dataset, save_dataset
 from fellrec_jax.records import DataError, Record, parse_record
-from fellrec_jax.tokenizer import load_or_train_tokenizer, pad_id
+from fellrec_jax.tokenizer import load_or_train_tokenizer, pad_id, titles_not_round_tripping
 
 logger = logging.getLogger(__name__)
 PROGRESS_MIN_RECORDS = 1000  # below this, encoding takes well under a second: no bar
@@ -102,6 +102,10 @@ def build_federated_data(data_config, *, num_clients: int, seed: int, workdir, l
   tokenizer = load_or_train_tokenizer(tokenizer_path=data_config.tokenizer_path, dataset=dataset,
                                       vocab_size=data_config.vocab_size,
                                       save_dir=workdir / "tokenizer")
+  lossy = titles_not_round_tripping(tokenizer, dataset.catalog)
+  if lossy:
+    logger.warning("%d of %d titles do not decode back exactly with this tokenizer, e.g. %r",
+                   len(lossy), len(dataset.catalog), lossy[0])
   encode = dict(cutoff_len=data_config.cutoff_len, train_on_inputs=data_config.train_on_inputs)
   train = encode_by_client(tokenizer, dataset.train, client_of_user, num_clients, "train", **encode)
   valid = encode_by_client(tokenizer, dataset.valid, client_of_user, num_clients, "valid", **encode)

@@ -131,14 +131,6 @@ def parse_record(record: Record) -> RecordParts:
                      record.user)
 
 
-def history_titles(record: Record) -> tuple[str, ...]:
-  return parse_record(record).history
-
-
-def target_titles(record: Record) -> tuple[str, ...]:
-  return parse_record(record).targets
-
-
 def with_history(record: Record, history: Sequence[str]) -> Record:
   """The same record with another history (truncation drops the oldest titles)."""
   parts = parse_record(record)

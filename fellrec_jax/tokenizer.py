@@ -111,11 +111,12 @@ def pad_id(tokenizer) -> int:
   return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
 
 
-def title_round_trips(tokenizer, titles: Sequence[str]) -> bool:
-  """True when every title decodes back to itself exactly."""
+def titles_not_round_tripping(tokenizer, titles: Sequence[str]) -> list[str]:
+  """The titles that do not decode back to themselves exactly (generation could not produce them)."""
+  bad = []
   for title in titles:
     ids = tokenizer(title, add_special_tokens=False)["input_ids"]
-    if tokenizer.decode(ids, skip_special_tokens=True) != title:
-      return False
-  return True
+    if tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) != title:
+      bad.append(title)
+  return bad
 

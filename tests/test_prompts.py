@@ -8,7 +8,7 @@ from fellrec_jax import prompts
 from fellrec_jax.dataset import Dataset
 from fellrec_jax.records import INPUT_END, make_record, with_history
 from fellrec_jax.tokenizer import (SPECIAL_TOKENS, load_or_train_tokenizer, load_tokenizer, pad_id,
-                                   train_bpe_tokenizer, training_texts)
+                                   titles_not_round_tripping, train_bpe_tokenizer, training_texts)
 
 INSTRUCTION = "Given a list of video games the user has played before, please recommend a new game."
 PHRASE = "The user has played the following video games before:"
@@ -50,6 +50,7 @@ def test_trained_tokenizer_specials_and_exact_round_trip(tokenizer):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
   assert tokenizer("Zelda")["input_ids"][0] == 1  # adds BOS itself, like Llama
+  assert titles_not_round_tripping(tokenizer, TITLES) == []
 
 
 def test_training_is_deterministic(dataset, tokenizer):
