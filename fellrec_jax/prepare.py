@@ -159,42 +159,46 @@ def _samples(table: pd.DataFrame, catalog, construction: Construction, stats: di
   """SPEC §6 steps 4-7, per user in ascending id order, each user's items ordered by (time, input)."""
   item_id = {title: i for i, title in enumerate(catalog)}
   table = table.sort_values(["user", "timestamp", "position"], kind="stable")
-  window = construction.window
-  train, valid, test, histories = [], [], [], {}
+  splits = {"train": [], "valid": [], "test": []}
+  histories = {}
   counts = dict.fromkeys(["train_targets_without_history", "valid_without_train_items",
                           "test_users_without_history"], 0)
-
-  def record(user, history, targets):
-    return make_record(construction.instruction, construction.input_phrase, history, INPUT_END,
-                       targets, int(user))
-
   for user, rows in table.groupby("user", sort=True):
-    parts = rows["part"].to_numpy()
-    titles = rows["item"].to_numpy()
-    train_items = list(titles[parts == 0])
-    valid_items = list(titles[parts == 1])
-    test_items = list(titles[parts == 2])
-    m = len(train_items)
-    for i in range(min(window, m - 1), m) if m else ():  # m = 0 would give range(-1, 0)
-      history = train_items[max(i - window, 0):i]
-      if not history:
-        counts["train_targets_without_history"] += 1
-        continue
-      train.append(record(user, history, [train_items[i]]))
-    if train_items:
-      for j, target in enumerate(valid_items):
-        valid.append(record(user, (train_items + valid_items[:j])[-window:], [target]))
-    else:
-      counts["valid_without_train_items"] += len(valid_items)
-    seen = train_items + valid_items
-    if test_items and seen:
-      test.append(record(user, seen[-window:], test_items))
-    elif test_items:
-      counts["test_users_without_history"] += 1
-    if seen:
-      histories[int(user)] = tuple(item_id[t] for t in seen)
+    parts, titles = rows["part"].to_numpy(), rows["item"].to_numpy()
+    items = [list(titles[parts == part]) for part in (0, 1, 2)]
+    user_samples, user_counts = user_sample_titles(*items, construction.window)
+    for name, samples in user_samples.items():
+      splits[name] += [make_record(construction.instruction, construction.input_phrase, history,
+                                   INPUT_END, targets, int(user)) for history, targets in samples]
+    for key, value in user_counts.items():
+      counts[key] += value
+    if items[0] or items[1]:
+      histories[int(user)] = tuple(item_id[t] for t in items[0] + items[1])
   stats.update(counts)
-  return train, valid, test, histories
+  return splits["train"], splits["valid"], splits["test"], histories
+
+
+def user_sample_titles(train: list, valid: list, test: list, window: int) -> tuple[dict, dict]:
+  """One user's (history, targets) samples per split from its time-ordered train/valid/test items."""
+  samples = {"train": [], "valid": [], "test": []}
+  counts = {"train_targets_without_history": 0, "valid_without_train_items": 0,
+            "test_users_without_history": 0}
+  m = len(train)
+  for i in range(min(window, m - 1), m) if m else ():  # m = 0 would give range(-1, 0)
+    history = train[max(i - window, 0):i]
+    if history:
+      samples["train"].append((history, [train[i]]))
+    else:
+      counts["train_targets_without_history"] += 1
+  if train:
+    samples["valid"] = [((train + valid[:j])[-window:], [target]) for j, target in enumerate(valid)]
+  else:
+    counts["valid_without_train_items"] = len(valid)
+  if test and (train or valid):
+    samples["test"].append(((train + valid)[-window:], test))
+  elif test:
+    counts["test_users_without_history"] = 1
+  return samples, counts
 
 
 # ---------------------------------------------------------------- readers: generic tables

@@ -201,3 +201,21 @@ def test_k_core_result_satisfies_k(k):
     for item in items:
       counts[item] = counts.get(item, 0) + 1
   assert len(dataset.catalog) == len(counts)
+
+
+def test_user_samples_with_window_crossing_train_and_valid():
+  from fellrec_jax.prepare import user_sample_titles
+  train = list("abcdefghijkl")  # 12 train items
+  samples, counts = user_sample_titles(train, ["V", "W"], ["X", "Y"], window=10)
+  assert samples["train"] == [(list("abcdefghij"), ["k"]), (list("bcdefghijk"), ["l"])]
+  assert samples["valid"] == [(list("cdefghijkl"), ["V"]), (list("defghijkl") + ["V"], ["W"])]
+  assert samples["test"] == [(list("efghijkl") + ["V", "W"], ["X", "Y"])]
+  assert counts == {"train_targets_without_history": 0, "valid_without_train_items": 0,
+                    "test_users_without_history": 0}
+  # No train items: valid interactions are dropped (counted); the test still has a valid history.
+  samples, counts = user_sample_titles([], ["V"], ["X"], window=10)
+  assert samples == {"train": [], "valid": [], "test": [(["V"], ["X"])]}
+  assert counts["valid_without_train_items"] == 1
+  # Only test items: nothing, counted.
+  samples, counts = user_sample_titles([], [], ["X"], window=10)
+  assert samples["test"] == [] and counts["test_users_without_history"] == 1
