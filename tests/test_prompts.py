@@ -75,7 +75,7 @@ def test_tokenizer_without_pad_pads_with_id_zero(tmp_path, tokenizer):
                                  eos_token="</s>")
   bare.save_pretrained(tmp_path / "bare")
   loaded = load_tokenizer(tmp_path / "bare")
-  assert pad_id(loaded) == 0
+  assert loaded.pad_token_id == 0 and pad_id(loaded) == 0
 
 
 def test_encode_example_whole_prompt_loss(tokenizer):

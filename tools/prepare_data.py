@@ -1,4 +1,4 @@
-"""Builds a dataset directory (docs/data.md) from interaction/item tables or raw Amazon 2018 files.
+r"""Builds a dataset directory (docs/data.md) from interaction/item tables or raw Amazon 2018 files.
 
   python tools/prepare_data.py --interactions ratings.csv --items movies.csv --out data/movies \
       --user_col userId --item_col movieId --items_item_col movieId --title_col title \
