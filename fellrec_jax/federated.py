@@ -1,13 +1,18 @@
-"""Local training of every client in one jitted call: `vmap` over clients of a `lax.scan` over local steps.
+"""Local training of every client in one jitted call per round.
 
-Client state is one pytree with a leading client axis C (adapters, optimizer state, RNG key); the frozen
-base is shared, unbatched. A client with fewer steps than others has its extra steps masked: they change
-nothing, optimizer state included. Each step runs the explicit client/server split (split_learning.py),
-accumulates gradients over `accum_steps` micro-batches of rows and normalises by the step's label-token
-count, then applies AdamW with the reference's per-round linear schedule.
+Client state is one pytree with a leading client axis C (adapters, optimizer state, PRNG key); the frozen
+base is shared and unbatched. Each optimizer step runs the explicit client/server split
+(split_learning.py), accumulates gradients over `accum_steps` micro-batches of rows, normalises by the
+step's label-token count and applies AdamW with the reference's per-round linear schedule. Steps beyond a
+client's data are masked and change nothing, optimizer state included.
 
-`sequential_local_round` trains the clients one by one with the same per-client function: a debug path
-that must give the same numbers as the vmapped round.
+By default the round is a `vmap` over clients of a `lax.scan` over each client's steps. With
+`clients_per_chunk` = V < C it is a scan over "waves" of a vmap over V lanes, each lane training several
+clients one after another (assigned longest first, so the lanes' step counts balance): memory is bounded
+by V, and small clients do not idle while a large one finishes. A lane loads a client's state before its
+first step and stores it after its last.
+
+`sequential_local_round` trains the clients one by one: the debug path that must give the same numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from fellrec_jax import model as model_lib
 from fellrec_jax import optimizer as optimizer_lib
@@ -44,13 +49,13 @@ class ClientStates(NamedTuple):
 
 
 class ClientBatches(NamedTuple):
-  """A round of one client's steps (or, with a leading C, of every client): arrays [S, R, T]."""
+  """Steps of packed rows: [S, R, T] for one client, [C, S, R, T] for all, [W, V, R, T] for lanes."""
 
-  tokens: jax.Array
-  positions: jax.Array
-  segment_ids: jax.Array
-  loss_mask: jax.Array
-  step_mask: jax.Array  # [S] bool
+  tokens: Any
+  positions: Any
+  segment_ids: Any
+  loss_mask: Any
+  step_mask: Any  # bool [S] / [C, S] / [W, V]: the step holds data
 
 
 class RoundContext(NamedTuple):
@@ -61,9 +66,19 @@ class RoundContext(NamedTuple):
 
 
 class ClientMetrics(NamedTuple):
-  train_loss: jax.Array  # mean of the real steps' losses (as the HF Trainer's train_loss)
-  num_steps: jax.Array  # real optimizer steps
-  label_tokens: jax.Array  # label tokens seen
+  train_loss: jax.Array  # [C] mean of the real steps' losses (the HF Trainer's train_loss)
+  num_steps: jax.Array  # [C] real optimizer steps
+  label_tokens: jax.Array  # [C] label tokens seen
+
+
+class LaneSchedule(NamedTuple):
+  """Which client each lane trains at each wave (host-side numpy, [W, V])."""
+
+  client: np.ndarray  # int32: the client (0 on idle slots)
+  step: np.ndarray  # int32: that client's step index
+  active: np.ndarray  # bool: the slot trains a step
+  first: np.ndarray  # bool: the lane loads the client's state before this step
+  last: np.ndarray  # bool: the lane stores the client's state after this step
 
 
 def batches_from(round_batches) -> ClientBatches:
@@ -80,17 +95,19 @@ def init_client_states(adapters, lc: LocalConfig, rng) -> ClientStates:
   return ClientStates(adapters, opt_state, jax.random.split(rng, num_clients))
 
 
-def _micro_batches(tokens, positions, segment_ids, loss_mask, accum_steps: int):
-  rows = tokens.shape[0]
+# ----------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def _micro_batches(batch, accum_steps: int):
+  rows = batch[0].shape[0]
   if rows % accum_steps:
     raise ValueError(f"rows per step ({rows}) must be a multiple of accum_steps ({accum_steps})")
-  split = lambda x: x.reshape(accum_steps, rows // accum_steps, *x.shape[1:])
-  return tuple(map(split, (tokens, positions, segment_ids, loss_mask)))
+  return tuple(x.reshape(accum_steps, rows // accum_steps, *x.shape[1:]) for x in batch)
 
 
 def step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc: LocalConfig, rng):
   """(NLL sum, label count, gradient sum) of one optimizer step, accumulated over micro-batches."""
-  micro = _micro_batches(*batch, lc.accum_steps)
 
   def accumulate(carry, xs):
     total, count, grads = carry
@@ -103,44 +120,160 @@ def step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, 
 
   zeros = jax.tree.map(jnp.zeros_like, adapters)
   init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-  (total, count, grads), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(lc.accum_steps)))
+  xs = (_micro_batches(batch, lc.accum_steps), jnp.arange(lc.accum_steps))
+  (total, count, grads), _ = jax.lax.scan(accumulate, init, xs)
   return total, count, grads
+
+
+class StepOutput(NamedTuple):
+  adapters: Any
+  opt_state: Any
+  count: jax.Array  # real steps taken so far this round
+  loss: jax.Array  # the step's mean label NLL (0 when masked)
+  labels: jax.Array  # the step's label tokens (0 when masked)
+
+
+def train_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchor,
+               warmup_steps, total_steps, lr_scale, rng, lc: LocalConfig) -> StepOutput:
+  """One optimizer step of one client; a masked step (real = False) returns its inputs unchanged."""
+  step_rng = jax.random.fold_in(rng, count) if lc.split.lora.dropout > 0 else None
+  total, labels, grads = step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc,
+                                             step_rng)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(labels, 1.0), grads)
+  if lc.prox_mu:
+    grads = jax.tree.map(lambda g, p, a: g + lc.prox_mu * (p - a), grads, adapters, anchor)
+  tx = optimizer_lib.transform(lc.optimizer)
+  updates, new_opt_state = tx.update(grads, opt_state, adapters)
+  lr = optimizer_lib.learning_rate(lc.optimizer, count, total_steps, warmup_steps) * lr_scale
+  new_adapters = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), adapters, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(real, n, o), new, old)
+  return StepOutput(keep(new_adapters, adapters), keep(new_opt_state, opt_state), count + real.astype(jnp.int32),
+                    jnp.where(real, total / jnp.maximum(labels, 1.0), 0.0), jnp.where(real, labels, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lanes: a scan over waves of a vmap over V lanes, each training several clients in turn
+
+
+def lane_schedule(client_steps, lanes: int = 0) -> LaneSchedule:
+  """Assign clients to lanes (longest first, to the least loaded lane); lanes = 0 means one per client."""
+  client_steps = np.asarray(client_steps, np.int64)
+  num_clients = len(client_steps)
+  lanes = num_clients if lanes <= 0 else min(lanes, num_clients)
+  if lanes == num_clients:
+    queues = [[c] for c in range(num_clients)]
+  else:
+    queues, load = [[] for _ in range(lanes)], np.zeros(lanes, np.int64)
+    for c in np.argsort(-client_steps, kind="stable"):
+      lane = int(np.argmin(load))
+      queues[lane].append(int(c))
+      load[lane] += client_steps[c]
+  waves = max(1, max(sum(int(client_steps[c]) for c in q) for q in queues))
+  shape = (waves, lanes)
+  schedule = LaneSchedule(np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, bool),
+                          np.zeros(shape, bool), np.zeros(shape, bool))
+  for lane, queue in enumerate(queues):
+    wave = 0
+    for c in queue:
+      n = int(client_steps[c])
+      if n == 0:
+        continue
+      schedule.client[wave:wave + n, lane] = c
+      schedule.step[wave:wave + n, lane] = np.arange(n)
+      schedule.active[wave:wave + n, lane] = True
+      schedule.first[wave, lane] = schedule.last[wave + n - 1, lane] = True
+      wave += n
+  return schedule
+
+
+def arrange(batches: ClientBatches, schedule: LaneSchedule) -> ClientBatches:
+  """[C, S, ...] client steps rearranged into the schedule's [W, V, ...] slots (host-side gather)."""
+  pick = lambda x: np.asarray(x)[schedule.client, schedule.step]
+  arranged = ClientBatches(*(pick(x) for x in batches[:4]), schedule.active.copy())
+  if not np.all(np.asarray(batches.step_mask)[schedule.client, schedule.step] | ~schedule.active):
+    raise ValueError("the lane schedule asks for steps that the batches mark as empty")
+  return arranged
+
+
+def _gather(tree, index):
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def _scatter(tree, index, values):
+  """tree[index] = values, dropping out-of-range indices (slots that store nothing)."""
+  return jax.tree.map(lambda x, v: x.at[index].set(v, mode="drop"), tree, values)
+
+
+def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first, last, prefix_tokens,
+                 prefix_loss_mask, anchors, ctx: RoundContext, lc: LocalConfig):
+  num_clients = states.rng.shape[0]
+  tx = optimizer_lib.transform(lc.optimizer)
+  keys = jax.vmap(jax.random.split)(states.rng)
+  next_rng, round_rng = keys[:, 0], keys[:, 1]
+  total_steps = jnp.zeros(num_clients, jnp.int32).at[client].add(waves.step_mask.astype(jnp.int32))
+  step = jax.vmap(functools.partial(train_step, lc=lc),
+                  in_axes=(None, 0, 0, 0, 0, 0, None, None, 0, None, 0, 0, 0))
+  lane_adapters = _gather(states.adapters, client[0])
+  lane_opt = jax.vmap(tx.init)(lane_adapters)
+  lanes = client.shape[1]
+
+  def wave(carry, xs):
+    adapters, opt_state, lane_adapters, lane_opt, lane_count, sums = carry
+    batch, active, c, is_first, is_last = xs
+    where_first = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(is_first.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+    lane_adapters = where_first(_gather(adapters, c), lane_adapters)
+    loaded_opt = jax.vmap(tx.init)(lane_adapters) if opt_state is None else _gather(opt_state, c)
+    lane_opt = where_first(loaded_opt, lane_opt)
+    lane_count = jnp.where(is_first, 0, lane_count)
+    out = step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens, prefix_loss_mask,
+               _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c], round_rng[c])
+    owner = jnp.where(active, c, num_clients)
+    sums = tuple(s.at[owner].add(v, mode="drop") for s, v in zip(sums, (out.loss, out.labels)))
+    store = jnp.where(active & is_last, c, num_clients)
+    adapters = _scatter(adapters, store, out.adapters)
+    if opt_state is not None:
+      opt_state = _scatter(opt_state, store, out.opt_state)
+    return (adapters, opt_state, out.adapters, out.opt_state, out.count, sums), None
+
+  zeros = jnp.zeros(num_clients, jnp.float32)
+  carry = (states.adapters, states.opt_state, lane_adapters, lane_opt, jnp.zeros(lanes, jnp.int32), (zeros, zeros))
+  xs = (tuple(waves[:4]), waves.step_mask, client, first, last)
+  (adapters, opt_state, _, _, _, (loss_sums, labels)), _ = jax.lax.scan(wave, carry, xs)
+  metrics = ClientMetrics(loss_sums / jnp.maximum(total_steps, 1), total_steps, labels)
+  return ClientStates(adapters, opt_state, next_rng), metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# One client's round, the vmap over clients, and the debug path
 
 
 def client_update(base, adapters, opt_state, rng, batches: ClientBatches, prefix_tokens, prefix_loss_mask,
                   anchor, warmup_steps, lr_scale, lc: LocalConfig):
-  """One client's local training for a round: a scan over its steps; masked steps change nothing."""
-  tx = optimizer_lib.transform(lc.optimizer)
+  """One client's local training for a round: a plain scan over its steps."""
   if lc.optimizer.fresh_each_round:
-    opt_state = tx.init(adapters)
+    opt_state = optimizer_lib.transform(lc.optimizer).init(adapters)
+  next_rng, round_rng = jax.random.split(rng)
   total_steps = jnp.sum(batches.step_mask.astype(jnp.int32))
-  rng, round_rng = jax.random.split(rng)
-  use_dropout = lc.split.lora.dropout > 0
 
-  def step(carry, xs):
+  def body(carry, xs):
     adapters, opt_state, count = carry
-    tokens, positions, segment_ids, loss_mask, real, index = xs
-    step_rng = jax.random.fold_in(round_rng, index) if use_dropout else None
-    total, labels, grads = step_loss_and_grads(base, adapters, (tokens, positions, segment_ids, loss_mask),
-                                               prefix_tokens, prefix_loss_mask, lc, step_rng)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(labels, 1.0), grads)
-    if lc.prox_mu:
-      grads = jax.tree.map(lambda g, p, a: g + lc.prox_mu * (p - a), grads, adapters, anchor)
-    updates, new_opt_state = tx.update(grads, opt_state, adapters)
-    lr = optimizer_lib.learning_rate(lc.optimizer, count, total_steps, warmup_steps) * lr_scale
-    new_adapters = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), adapters, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(real, n, o), new, old)
-    carry = (keep(new_adapters, adapters), keep(new_opt_state, opt_state), count + real.astype(jnp.int32))
-    return carry, (jnp.where(real, total / jnp.maximum(labels, 1.0), 0.0), jnp.where(real, labels, 0.0))
+    batch, real = xs
+    out = train_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchor,
+                     warmup_steps, total_steps, lr_scale, round_rng, lc)
+    return (out.adapters, out.opt_state, out.count), (out.loss, out.labels)
 
-  xs = (*batches[:4], batches.step_mask, jnp.arange(batches.step_mask.shape[0]))
-  (adapters, opt_state, steps), (losses, labels) = jax.lax.scan(step, (adapters, opt_state, jnp.int32(0)), xs)
+  init = (adapters, opt_state, jnp.int32(0))
+  (adapters, opt_state, steps), (losses, labels) = jax.lax.scan(body, init, (tuple(batches[:4]), batches.step_mask))
   metrics = ClientMetrics(jnp.sum(losses) / jnp.maximum(steps, 1), steps, jnp.sum(labels))
-  return adapters, (None if lc.optimizer.fresh_each_round else opt_state), rng, metrics
+  return adapters, (None if lc.optimizer.fresh_each_round else opt_state), next_rng, metrics
 
 
-def _round_fn(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
-              ctx: RoundContext, lc: LocalConfig):
+_client_update_jit = jax.jit(client_update, static_argnames=("lc",))
+
+
+def _vmapped_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
+                   ctx: RoundContext, lc: LocalConfig):
   update = functools.partial(client_update, lc=lc)
   adapters, opt_state, rng, metrics = jax.vmap(update, in_axes=(None, 0, 0, 0, 0, None, None, 0, None, 0))(
       base, states.adapters, states.opt_state, states.rng, batches, prefix_tokens, prefix_loss_mask, anchors,
@@ -149,37 +282,55 @@ def _round_fn(base, states: ClientStates, batches: ClientBatches, prefix_tokens,
 
 
 # Client states are donated: their buffers are reused for the new states.
-local_round = jax.jit(_round_fn, static_argnames=("lc",), donate_argnums=(1,))
-local_round.__doc__ = """All clients' local training for one round (vmap over clients, scan over steps)."""
+_vmapped_round_jit = jax.jit(_vmapped_round, static_argnames=("lc",), donate_argnums=(1,))
+_lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc",), donate_argnums=(1,))
 
-_client_update_jit = jax.jit(client_update, static_argnames=("lc",))
+
+def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
+                ctx: RoundContext, *, lc: LocalConfig, lanes: int = 0, schedule: LaneSchedule | None = None):
+  """All clients' local training for one round from [C, S, ...] batches; `lanes` clients at once (0: all).
+
+  Returns the new ClientStates (the given ones are donated) and ClientMetrics.
+  """
+  num_clients = states.rng.shape[0]
+  if schedule is None and (lanes <= 0 or lanes >= num_clients):
+    return _vmapped_round_jit(base, states, ClientBatches(*batches[:5]), prefix_tokens, prefix_loss_mask,
+                              anchors, ctx, lc=lc)
+  if schedule is None:
+    schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
+  waves = arrange(batches, schedule)
+  return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
+                          prefix_loss_mask, anchors, ctx, lc=lc)
 
 
 def sequential_local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,
-                           anchors, ctx: RoundContext, lc: LocalConfig):
+                           anchors, ctx: RoundContext, *, lc: LocalConfig):
   """Debug path: the same round, training the clients one after another."""
-  num_clients = states.rng.shape[0]
   take = lambda tree, c: jax.tree.map(lambda x: x[c], tree)
   results = [
       _client_update_jit(base, take(states.adapters, c), take(states.opt_state, c), states.rng[c],
                          take(batches, c), prefix_tokens, prefix_loss_mask, take(anchors, c), ctx.warmup_steps,
                          ctx.lr_scale[c], lc=lc)
-      for c in range(num_clients)
+      for c in range(states.rng.shape[0])
   ]
   stack = lambda *xs: jnp.stack(xs)
   adapters, opt_state, rng, metrics = (jax.tree.map(stack, *[r[i] for r in results]) for i in range(4))
   return ClientStates(adapters, opt_state, rng), metrics
 
 
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
 def _client_validation(base, adapters, batches: ClientBatches, prefix_tokens, prefix_loss_mask, lc: LocalConfig):
   def step(carry, xs):
-    tokens, positions, segment_ids, loss_mask, real = xs
+    (tokens, positions, segment_ids, loss_mask), real = xs
     inputs = model_lib.Inputs(tokens, positions, segment_ids, prefix_tokens)
     total, count = split_learning.loss_only(base, adapters, inputs, loss_mask, prefix_loss_mask, lc.split)
     return (carry[0] + jnp.where(real, total, 0.0), carry[1] + jnp.where(real, count, 0.0)), None
 
   init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  (total, count), _ = jax.lax.scan(step, init, (*batches[:4], batches.step_mask))
+  (total, count), _ = jax.lax.scan(step, init, (tuple(batches[:4]), batches.step_mask))
   return total, count
 
 

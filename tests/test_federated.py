@@ -61,13 +61,15 @@ def fresh_adapters(num_clients, seed=1):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), adapters)
 
 
-def run_round(base, prefix, prefix_mask, adapters, batches, lc, warmup=2, lr_scale=None, sequential=False):
+def run_round(base, prefix, prefix_mask, adapters, batches, lc, warmup=2, lr_scale=None, sequential=False, lanes=0):
   copy = lambda tree: jax.tree.map(jnp.array, tree)  # local_round donates the states it is given
   states = federated.init_client_states(copy(adapters), lc, jax.random.PRNGKey(9))
   num_clients = batches.step_mask.shape[0]
   ctx = federated.RoundContext(jnp.int32(warmup), jnp.ones(num_clients) if lr_scale is None else lr_scale)
-  fn = federated.sequential_local_round if sequential else federated.local_round
-  return fn(base, states, batches, prefix, prefix_mask, copy(adapters) if lc.prox_mu else None, ctx, lc=lc)
+  anchors = copy(adapters) if lc.prox_mu else None
+  if sequential:
+    return federated.sequential_local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc)
+  return federated.local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc, lanes=lanes)
 
 
 def plain_training(base, prefix, prefix_mask, steps, adapters, opt=OPT):
@@ -147,19 +149,36 @@ def test_masked_steps_and_clients_are_exact_no_ops(world):
   assert metrics.num_steps.tolist() == [1, 2, 0] and float(metrics.train_loss[2]) == 0.0
 
 
-def test_vmapped_round_equals_clients_one_by_one(world):
+@pytest.mark.parametrize("lanes,fresh", [(0, True), (2, False), (1, True)])
+def test_vmapped_round_equals_clients_one_by_one(world, lanes, fresh):
+  """All clients in one vmap (lanes=0), or fewer lanes each training several clients in turn, give the
+  numbers of the plain one-client-at-a-time path."""
   base, prefix, prefix_mask, examples = world
   batches = stack_clients(pack_steps([examples[0:4], examples[4:8], examples[8:10]], 3),
                           pack_steps([examples[10:12]], 3),
                           pack_steps([examples[2:5], examples[7:11]], 3))
-  lc = local_config(1, 2, prox=0.0, lcfg=LCFG)
+  opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1, fresh_each_round=fresh)
+  lc = local_config(1, 2, opt=opt)
   adapters = fresh_adapters(3)
   lr_scale = jnp.array([1.0, 0.5, 0.8])
-  vmapped, m1 = run_round(base, prefix, prefix_mask, adapters, batches, lc, lr_scale=lr_scale)
+  vmapped, m1 = run_round(base, prefix, prefix_mask, adapters, batches, lc, lr_scale=lr_scale, lanes=lanes)
   one_by_one, m2 = run_round(base, prefix, prefix_mask, adapters, batches, lc, lr_scale=lr_scale, sequential=True)
   for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(one_by_one)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(m1.train_loss, m2.train_loss, rtol=1e-6)
+  assert m1.num_steps.tolist() == m2.num_steps.tolist() == [3, 1, 2]
+
+
+def test_lane_schedule_balances_and_covers_every_step():
+  steps = [7, 2, 5, 0, 3]
+  schedule = federated.lane_schedule(steps, lanes=2)
+  assert schedule.client.shape == (9, 2)  # loads: 7+2 and 5+3, longest first
+  for c, n in enumerate(steps):
+    slots = schedule.active & (schedule.client == c)
+    assert slots.sum() == n and sorted(schedule.step[slots].tolist()) == list(range(n))
+    assert (schedule.first & slots).sum() == (n > 0) and (schedule.last & slots).sum() == (n > 0)
+  full = federated.lane_schedule(steps)
+  assert full.client.shape == (7, 5) and full.client[0].tolist() == [0, 1, 2, 0, 4]
 
 
 def test_dropout_makes_clients_differ_and_is_reproducible(world):
