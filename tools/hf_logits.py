@@ -9,11 +9,14 @@ Writes float32 logits [B, T, V]. Positions are 0..T-1 as in `LlamaForCausalLM(in
 
 import argparse
 import sys
+from pathlib import Path
 
-import jax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fellrec_jax import hf_interop, lora, model
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fellrec_jax import hf_interop, lora, model  # noqa: E402
 
 
 def parse_args(argv):

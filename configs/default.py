@@ -1,0 +1,119 @@
+"""The embedded default: FELLRec on the synthetic Games-like data with a tiny Llama, sized for 2 CPU cores.
+
+  python experiments/train.py --config=configs/default.py --workdir=runs/default
+  python experiments/train.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # seconds
+
+Any field can be overridden: `--config.fed.aggregator=fedavg --config.fed.rounds=3`.
+"""
+
+import ml_collections
+
+from configs import data as data_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds adapters, client RNG keys, partitions and data order; same seed + config = same numbers
+
+  c.data = data_config.get_data_config()  # data, tokenizer, partition and batch settings (configs/data.py)
+  c.data.batch_size = 16  # examples per optimizer step (the reference's 64 is slow on 2 CPU cores)
+  c.data.eval_batch_size = 64  # examples per validation step (forward only)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_dir = ""  # local Hugging Face Llama checkpoint; "" = a tiny Llama pretrained here on the titles
+  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (adapters and optimizer stay float32)
+  c.model.hidden_size = 128  # tiny model (used when hf_dir is ""): width
+  c.model.intermediate_size = 344  # SwiGLU width
+  c.model.num_layers = 4  # decoder layers L
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 2  # key/value heads (grouped-query attention)
+  c.model.rope_theta = 10000.0  # rotary base
+  c.model.max_position_embeddings = 1024  # longest position
+  c.model.remat = False  # recompute layer activations in the backward pass (less memory, more FLOPs)
+  c.model.loss_chunk = 0  # positions per LM-head/cross-entropy chunk; 0 = all at once
+
+  c.pretrain = ml_collections.ConfigDict()  # in-process pretraining of the tiny base (hf_dir == "")
+  c.pretrain.steps = 300  # full-parameter AdamW steps on title lists
+  c.pretrain.rows = 16  # sequences per step
+  c.pretrain.row_len = 128  # tokens per sequence
+  c.pretrain.learning_rate = 3e-3  # peak learning rate (warm-up + cosine)
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8  # r (reference 8)
+  c.lora.alpha = 16.0  # scale = alpha / r (reference 16)
+  c.lora.dropout = 0.05  # dropout on the LoRA input (reference 0.05)
+  c.lora.targets = ("q_proj", "v_proj")  # projections with adapters (reference q_proj, v_proj)
+
+  c.fed = ml_collections.ConfigDict()
+  c.fed.num_clients = 5  # clients C (reference 5)
+  c.fed.rounds = 6  # communication rounds (reference 75, with early stopping)
+  c.fed.local_epochs = 1  # epochs over its data per client per round (reference 5)
+  c.fed.aggregator = "fellrec"  # fellrec | fedavg | fedprox | ditto | local | centralized
+  c.fed.split_k = 2  # client keeps layers [0, k) and L-1; the server runs [k, L-1) (reference 20 of 32)
+  c.fed.server_adapters = "per_client"  # per_client (reference) | shared (one middle-layer set, averaged)
+  c.fed.clients_per_chunk = 2  # clients trained at once (vmap lanes, balanced by steps); 0 = all at once
+  c.fed.prox_mu = 0.01  # fedprox: proximal coefficient mu
+  c.fed.ditto_lambda = 0.1  # ditto: proximal coefficient of the personal models
+  c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)
+  c.fed.patience = 5  # stop after this many rounds without a better weighted validation loss (reference 5)
+
+  c.fellrec = ml_collections.ConfigDict()  # dynamic balance (SPEC §4)
+  c.fellrec.alpha = 0.7  # warm-weight scale (reference 0.7)
+  c.fellrec.beta = 1.0  # heating speed: w = tanh(alpha / p ** (t + 1/beta)) (reference 1 or 5)
+  c.fellrec.temperature = 0.05  # softmax temperature of the losses (reference 0.05)
+  c.fellrec.skip_warm_when_beta_is_1 = False  # reference quirk (a): with beta == 1 the code drops w
+  c.fellrec.sequential_update = False  # reference quirk (b): update clients in place, one after another
+  c.fellrec.heat_apply_to = "aggregation"  # aggregation | aggregation_and_local_lr (also scale local lr by w)
+
+  c.train = ml_collections.ConfigDict()  # local optimizer (the HF Trainer defaults of the reference)
+  c.train.learning_rate = 2e-3  # peak AdamW learning rate (reference 1e-4 for a 7B model)
+  c.train.warmup_steps = 20  # linear warm-up steps, round 0 only (reference 20)
+  c.train.schedule = "linear"  # linear (decay to 0 within each round, as the reference) | constant
+  c.train.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.train.max_grad_norm = 1.0  # global-norm clipping; 0 disables
+  c.train.fresh_optimizer = True  # a new optimizer state every round (reference) or kept across rounds
+  c.train.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.clients = 1  # devices along the client axis (client-stacked state and batches)
+  c.mesh.model = 1  # devices along the model axis (the frozen base, Megatron-style)
+
+  c.checkpoint_every = 1  # save an Orbax checkpoint every N rounds (and at the end)
+  c.max_rounds_per_run = 0  # stop after this many rounds in one invocation (time-limited jobs); re-run resumes
+  c.keep_checkpoints = 2  # checkpoints kept on disk
+
+  c.eval = ml_collections.ConfigDict()  # SPEC §5
+  c.eval.at_end = True  # evaluate the best adapters on the test split when training ends
+  c.eval.every = 0  # also evaluate every N rounds (0 = never)
+  c.eval.mode = "generate"  # generate (beam search + grounding) | likelihood | constrained
+  c.eval.num_beams = 4  # beams (reference 4)
+  c.eval.max_new_tokens = 128  # generated tokens (reference 128)
+  c.eval.batch_size = 32  # prompts per generation batch
+  c.eval.max_test_users = 0  # evaluate at most this many test cases per client (0 = all)
+  c.eval.ks = (5, 10, 20)  # cut-offs of the metrics
+
+  if arg == "smoke":
+    smoke(c)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r} (the only one is 'smoke')")
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrink any config to a run of seconds: tiny model, few samples, two rounds, short generation."""
+  c.data.max_train_samples = 60
+  c.data.max_valid_samples = 30
+  c.data.batch_size = 8
+  c.data.vocab_size = 400
+  c.model.hidden_size = 32
+  c.model.intermediate_size = 64
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 1
+  c.pretrain.steps = 10
+  c.fed.num_clients = min(c.fed.num_clients, 3)
+  c.fed.rounds = 2
+  c.fed.local_epochs = 1
+  c.fed.split_k = 1
+  c.eval.max_new_tokens = 8
+  c.eval.num_beams = 2
+  c.eval.max_test_users = 4

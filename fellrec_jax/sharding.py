@@ -1,0 +1,70 @@
+"""Device mesh and shardings: a `clients` axis for client-stacked state, a `model` axis for the base.
+
+The frozen base is one pytree sharded Megatron-style over `model` (column-parallel q/k/v/gate/up and the
+head, row-parallel o/down, vocabulary-parallel embeddings) by a small rules table; everything with a
+leading client axis is sharded over `clients`. Computation follows the data (GSPMD); on one device every
+sharding is trivial and the numbers are the same.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Partition of each base leaf's dimensions (layer-stacked leaves start with the layer axis).
+BASE_RULES = {
+    "embed": P("model", None),
+    "lm_head": P(None, "model"),
+    "norm": P(),
+    "q_proj": P(None, None, "model"), "k_proj": P(None, None, "model"), "v_proj": P(None, None, "model"),
+    "gate_proj": P(None, None, "model"), "up_proj": P(None, None, "model"),
+    "o_proj": P(None, "model", None), "down_proj": P(None, "model", None),
+}
+
+
+def make_mesh(clients: int = 1, model: int = 1) -> Mesh:
+  devices = jax.devices()
+  if clients < 1 or model < 1:
+    raise ValueError(f"mesh.clients and mesh.model must be >= 1, got {clients} and {model}")
+  if clients * model > len(devices):
+    raise ValueError(f"mesh.clients * mesh.model = {clients * model} devices, but only {len(devices)} are "
+                     f"visible ({devices[0].platform}); on CPU, set "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={clients * model}")
+  return Mesh(np.asarray(devices[:clients * model]).reshape(clients, model), ("clients", "model"))
+
+
+def _fits(spec: P, shape, mesh: Mesh) -> P:
+  """The spec, with any axis that does not divide its dimension replaced by replication."""
+  parts = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    parts.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+  return P(*parts)
+
+
+def base_shardings(base: dict, mesh: Mesh):
+  def rule(path, leaf):
+    name = path[-1].key
+    spec = BASE_RULES.get(name.removesuffix("_bias"), P())
+    if name.endswith("_bias") or "norm" in name:
+      spec = P()
+    return NamedSharding(mesh, _fits(spec, leaf.shape, mesh))
+
+  return jax.tree_util.tree_map_with_path(rule, base)
+
+
+def client_shardings(tree, mesh: Mesh):
+  """Leading client axis over `clients` (replicated when the client count does not divide)."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, _fits(P("clients"), np.shape(x), mesh)), tree)
+
+
+def put_clients(tree, mesh: Mesh):
+  return jax.device_put(tree, client_shardings(tree, mesh))
+
+
+def put_base(base, mesh: Mesh):
+  return jax.device_put(base, base_shardings(base, mesh))
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, jax.tree.map(lambda _: NamedSharding(mesh, P()), tree))
