@@ -1,0 +1,137 @@
+"""Catalog likelihood ranking: score every catalog title by its log-probability as the response to a prompt.
+
+score(prompt, item) = sum of log p(token | prompt, earlier tokens) over the item's response tokens (the
+quoted title as the model writes it, then EOS; recommend.response_tokens). Each prompt is encoded once
+(generation.prefill); titles are then run in blocks against the prompt's cached keys and values, which
+every title of the block reads (broadcast, never recomputed or copied per title). A running top-k keeps
+memory at [prompts, title block] scores for any catalog size. Unlike grounding, this ranks with the
+client's adapters: it asks the fine-tuned model directly how likely each item is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fellrec_jax import generation
+from fellrec_jax import grounding
+from fellrec_jax import model as model_lib
+from fellrec_jax import topk as topk_lib
+
+
+def _attend_prompt_and_title(q_PxBxTxKxGxH, prompt_k_PxSxKxH, prompt_v_PxSxKxH, prompt_valid_PxS, k_PxBxTxKxH,
+                             v_PxBxTxKxH, causal_BxTxT, scale: float):
+  """Attention of title tokens over their prompt's cache (shared by the B titles) and their own tokens.
+
+  Numerics as model.attend: scores in the compute dtype, softmax in float32.
+  """
+  dtype = q_PxBxTxKxGxH.dtype
+  neg = jnp.finfo(dtype).min
+  s_prompt = jnp.einsum("pbtkgh,pskh->pbkgts", q_PxBxTxKxGxH, prompt_k_PxSxKxH) * scale
+  s_prompt = jnp.where(prompt_valid_PxS[:, None, None, None, None, :], s_prompt, neg)
+  s_title = jnp.einsum("pbtkgh,pbskh->pbkgts", q_PxBxTxKxGxH, k_PxBxTxKxH) * scale
+  s_title = jnp.where(causal_BxTxT[None, :, None, None], s_title, neg)
+  probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_title], axis=-1).astype(jnp.float32), axis=-1).astype(dtype)
+  S = s_prompt.shape[-1]
+  return (jnp.einsum("pbkgts,pskh->pbtkgh", probs[..., :S], prompt_v_PxSxKxH)
+          + jnp.einsum("pbkgts,pbskh->pbtkgh", probs[..., S:], v_PxBxTxKxH))
+
+
+def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_logp_PxV, titles_BxT, lengths_B,
+                   cfg, lcfg):
+  """float32 [P, B]: the summed log-probability of each (right-padded) title after each cached prompt.
+
+  `cache` holds the prompts' keys/values [L, P, S, K, H]; `first_logp_PxV` their next-token log-probs
+  (which score each title's first token); `next_pos_P` the position of a title's first token.
+  """
+  B, T = titles_BxT.shape
+  positions_PxT = next_pos_P[:, None] + jnp.arange(T)[None]
+  cos, sin = model_lib.rope_tables(positions_PxT, cfg)
+  cos, sin = cos[:, None], sin[:, None]  # [P, 1, T, Dh]: the same rotation for every title of a prompt
+  valid_BxT = jnp.arange(T)[None] < lengths_B[:, None]
+  causal_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+  x = base["embed"][titles_BxT].astype(cfg.compute_dtype)
+  x = jnp.broadcast_to(x[None], (next_pos_P.shape[0], *x.shape))
+
+  def body(x, xs):
+    layer, layer_adapters, prompt_k, prompt_v = xs
+    h = model_lib.rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
+    q, k, v = model_lib._qkv(h, layer, layer_adapters, cos, sin, cfg, lcfg, None)
+    out = _attend_prompt_and_title(q, prompt_k, prompt_v, cache.key_valid, k, v, causal_BxTxT, cfg.head_dim ** -0.5)
+    return model_lib._finish_layer(x, out, layer, layer_adapters, cfg, lcfg, None), None
+
+  x, _ = jax.lax.scan(body, x, (base["layers"], adapters, cache.k, cache.v))
+  # Position t predicts token t+1; the last position predicts nothing we score.
+  h = model_lib.rms_norm(x[:, :, :-1], base["norm"], cfg.rms_norm_eps)
+  logp_PxBxTxV = jax.nn.log_softmax(model_lib.lm_logits(base, h, cfg), axis=-1)
+  later = jnp.take_along_axis(logp_PxBxTxV, titles_BxT[None, :, 1:, None], axis=-1)[..., 0]
+  later = jnp.sum(jnp.where(valid_BxT[None, :, 1:], later, 0.0), axis=-1)
+  return first_logp_PxV[:, titles_BxT[:, 0]] + later
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
+def _prefill(base, adapters, prompt_PxT, mask_PxT, *, cfg, lcfg):
+  logits, cache, next_pos = generation.prefill(base, adapters, prompt_PxT, mask_PxT, cfg, lcfg, 0)
+  return jax.nn.log_softmax(logits, axis=-1), cache, next_pos
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "k"))
+def _score_block(best, base, adapters, cache, next_pos_P, first_logp_PxV, titles_BxT, lengths_B, ids_B, offset,
+                 exclude_PxH, *, cfg, lcfg, k: int):
+  """Merge one block of titles into the running top-k of each prompt."""
+  scores_PxB = title_logprobs(base, adapters, cache, next_pos_P, first_logp_PxV, titles_BxT, lengths_B, cfg, lcfg)
+  banned_PxB = topk_lib.excluded_in_block(exclude_PxH, offset, ids_B.shape[0]) | (ids_B < 0)[None]
+  scores_PxB = jnp.where(banned_PxB, -jnp.inf, scores_PxB)
+  return topk_lib.merge_topk(*best, scores_PxB, jnp.broadcast_to(ids_B, scores_PxB.shape), k)
+
+
+def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]],
+                       responses: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int, *,
+                       prompt_batch: int = 8, title_batch: int = 256, bucket: int = 16,
+                       pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(item ids int64 [N, k], their log-probabilities float32 [N, k]), best first, history excluded.
+
+  prompts: token lists ending with "### Response:\\n" (BOS, no EOS); responses: item i's response tokens
+  (EOS included); exclude: per prompt, items never to rank. Titles are processed sorted by length, in
+  blocks of `title_batch` padded to a multiple of `bucket`, so a block wastes little on padding.
+  """
+  if len(exclude) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(exclude)} exclusion lists")
+  lengths = np.array([len(r) for r in responses])
+  order = np.argsort(lengths, kind="stable")
+  # Blocks index titles by their place in `order`, so a user's history maps to those places.
+  place = np.empty(len(order), np.int64)
+  place[order] = np.arange(len(order))
+  excluded_places = [place[np.asarray(items, np.int64)] for items in exclude]
+  blocks = []
+  for start in range(0, len(order), title_batch):
+    index = order[start:start + title_batch]
+    width = grounding.bucket_length(int(lengths[index].max()), bucket)
+    titles = np.full((title_batch, width), pad_id, np.int32)
+    for row, item in enumerate(index):
+      titles[row, :lengths[item]] = responses[item]
+    ids = np.full(title_batch, -1, np.int32)
+    ids[:len(index)] = index
+    blocks.append((titles, np.pad(lengths[index], (0, title_batch - len(index)), constant_values=1), ids, start))
+
+  prompt_order = np.argsort([len(p) for p in prompts], kind="stable")
+  ranked = np.zeros((len(prompts), k), np.int64)
+  scores = np.zeros((len(prompts), k), np.float32)
+  for start in range(0, len(prompts), prompt_batch):
+    index = prompt_order[start:start + prompt_batch]
+    length = grounding.bucket_length(max(len(prompts[i]) for i in index), bucket)
+    ids, mask = grounding.left_pad([prompts[i] for i in index], length, prompt_batch, pad_id)
+    first_logp, cache, next_pos = _prefill(base, adapters, ids, mask, cfg=cfg, lcfg=lcfg)
+    exclude_PxH = topk_lib.pad_item_lists([excluded_places[i] for i in index])
+    exclude_PxH = np.pad(exclude_PxH, ((0, prompt_batch - len(index)), (0, 0)), constant_values=-1)
+    best = topk_lib.init_topk(prompt_batch, k)
+    for titles, title_lengths, title_ids, offset in blocks:
+      best = _score_block(best, base, adapters, cache, next_pos, first_logp, titles, title_lengths, title_ids,
+                          offset, exclude_PxH, cfg=cfg, lcfg=lcfg, k=k)
+    ranked[index] = topk_lib.finalize(*best)[:len(index)]
+    scores[index] = np.asarray(best[0])[:len(index)]
+  return ranked, scores
