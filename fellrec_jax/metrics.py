@@ -182,3 +182,16 @@ def popularity_ranking(counts, exclude: Sequence[Sequence[int]], k: int) -> np.n
   if width < k:
     ranked = np.pad(ranked, ((0, 0), (0, k - width)), constant_values=topk_lib.NO_ITEM)
   return ranked.astype(np.int64)
+
+
+def markdown_table(reports: Mapping[str, Mapping], metrics: Sequence[str] = ("recall@10", "ndcg@10")) -> str:
+  """Methods side by side: per metric the overall value and its spread across clients (min, max, std)."""
+  header = ["method"] + [f"{m} {part}" for m in metrics for part in ("overall", "min", "max", "std")]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method, report in reports.items():
+    cells = [method]
+    for m in metrics:
+      spread = report["balance"][m]
+      cells += [f"{report['overall'][m]:.4f}", f"{spread['min']:.4f}", f"{spread['max']:.4f}", f"{spread['std']:.4f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

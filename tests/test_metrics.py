@@ -85,3 +85,10 @@ def test_popularity_ranking_excludes_history():
   np.testing.assert_array_equal(counts, [2, 4, 4, 1, 0, 3])
   ranked = metrics.popularity_ranking(counts, [[2], [1, 0, 5, 3], []], k=3)
   np.testing.assert_array_equal(ranked, [[1, 5, 0], [2, 4, -1], [1, 2, 5]])
+
+
+def test_markdown_table():
+  report = metrics.client_report([{"recall@10": 0.1}, {"recall@10": 0.3}], [1, 3])
+  table = metrics.markdown_table({"fellrec": report}, ["recall@10"])
+  assert table.splitlines()[0] == "| method | recall@10 overall | recall@10 min | recall@10 max | recall@10 std |"
+  assert table.splitlines()[2] == "| fellrec | 0.2500 | 0.1000 | 0.3000 | 0.1000 |"
