@@ -170,8 +170,6 @@ def rank_by_distance(pred_NxD, item_IxD, exclude: Sequence[Sequence[int]], k: in
   items[:num_items] = item_IxD
   items = jnp.asarray(items.reshape(num_blocks, block, dim))
   exclude = topk_lib.pad_item_lists(exclude)
-  exclude = np.pad(exclude, ((0, 0), (0, bucket_length(exclude.shape[1], 16) - exclude.shape[1])),
-                   constant_values=topk_lib.NO_ITEM)  # few distinct widths, few compilations
   out = []
   for start in range(0, len(pred_NxD), query_block):
     pred = pred_NxD[start:start + query_block]

@@ -17,9 +17,10 @@ import numpy as np
 NO_ITEM = -1
 
 
-def pad_item_lists(item_lists: Sequence[Sequence[int]], min_width: int = 1) -> np.ndarray:
-  """int32 [N, H] of item-id lists, right-padded with -1 (H >= min_width, so that H is never 0)."""
-  width = max([min_width] + [len(items) for items in item_lists])
+def pad_item_lists(item_lists: Sequence[Sequence[int]], multiple: int = 16) -> np.ndarray:
+  """int32 [N, H] of item-id lists, right-padded with -1; H > 0 is a multiple of `multiple` (few shapes)."""
+  width = max([1] + [len(items) for items in item_lists])
+  width = -(-width // multiple) * multiple
   out = np.full((len(item_lists), width), NO_ITEM, np.int32)
   for row, items in enumerate(item_lists):
     out[row, :len(items)] = np.asarray(items, np.int64)
