@@ -27,18 +27,26 @@ def _attend_prompt_and_title(q_PxBxTxKxGxH, prompt_k_PxSxKxH, prompt_v_PxSxKxH, 
                              v_PxBxTxKxH, causal_BxTxT, scale: float):
   """Attention of title tokens over their prompt's cache (shared by the B titles) and their own tokens.
 
-  Numerics as model.attend: scores in the compute dtype, softmax in float32.
+  The prompt part is one matmul per (prompt, kv head) over all the titles' queries, which is what makes
+  sharing the cache cheap. Scores in the compute dtype, softmax statistics in float32 (as model.attend);
+  the normalisation is applied after the value product.
   """
+  P, B, T, K, G, H = q_PxBxTxKxGxH.shape
   dtype = q_PxBxTxKxGxH.dtype
-  neg = jnp.finfo(dtype).min
-  s_prompt = jnp.einsum("pbtkgh,pskh->pbkgts", q_PxBxTxKxGxH, prompt_k_PxSxKxH) * scale
-  s_prompt = jnp.where(prompt_valid_PxS[:, None, None, None, None, :], s_prompt, neg)
-  s_title = jnp.einsum("pbtkgh,pbskh->pbkgts", q_PxBxTxKxGxH, k_PxBxTxKxH) * scale
-  s_title = jnp.where(causal_BxTxT[None, :, None, None], s_title, neg)
-  probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_title], axis=-1).astype(jnp.float32), axis=-1).astype(dtype)
-  S = s_prompt.shape[-1]
-  return (jnp.einsum("pbkgts,pskh->pbtkgh", probs[..., :S], prompt_v_PxSxKxH)
-          + jnp.einsum("pbkgts,pbskh->pbtkgh", probs[..., S:], v_PxBxTxKxH))
+  q_PxKxQxH = q_PxBxTxKxGxH.transpose(0, 3, 1, 2, 4, 5).reshape(P, K, B * T * G, H)  # Q = (b, t, g)
+  s_prompt = jnp.einsum("pkqh,pskh->pkqs", q_PxKxQxH, prompt_k_PxSxKxH).astype(jnp.float32) * scale
+  s_prompt = jnp.where(prompt_valid_PxS[:, None, None, :], s_prompt, -jnp.inf)
+  s_title = jnp.einsum("pbtkgh,pbskh->pkbtgs", q_PxBxTxKxGxH, k_PxBxTxKxH).astype(jnp.float32) * scale
+  s_title = jnp.where(causal_BxTxT[None, None, :, :, None, :], s_title, -jnp.inf).reshape(P, K, B * T * G, T)
+  # Every query sees at least its own token, so the max is finite.
+  top = jnp.maximum(s_prompt.max(-1, keepdims=True), s_title.max(-1, keepdims=True))
+  e_prompt, e_title = jnp.exp(s_prompt - top), jnp.exp(s_title - top)
+  total = e_prompt.sum(-1, keepdims=True) + e_title.sum(-1, keepdims=True)
+  out = jnp.einsum("pkqs,pskh->pkqh", e_prompt.astype(dtype), prompt_v_PxSxKxH)
+  out = out + jnp.einsum("pkbtgs,pbskh->pkbtgh", e_title.astype(dtype).reshape(P, K, B, T, G, T),
+                         v_PxBxTxKxH).reshape(P, K, B * T * G, H)
+  out = (out.astype(jnp.float32) / total).astype(dtype)
+  return out.reshape(P, K, B, T, G, H).transpose(0, 2, 3, 1, 4, 5)
 
 
 def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_logp_PxV, titles_BxT, lengths_B,
@@ -67,8 +75,9 @@ def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_lo
   x, _ = jax.lax.scan(body, x, (base["layers"], adapters, cache.k, cache.v))
   # Position t predicts token t+1; the last position predicts nothing we score.
   h = model_lib.rms_norm(x[:, :, :-1], base["norm"], cfg.rms_norm_eps)
-  logp_PxBxTxV = jax.nn.log_softmax(model_lib.lm_logits(base, h, cfg), axis=-1)
-  later = jnp.take_along_axis(logp_PxBxTxV, titles_BxT[None, :, 1:, None], axis=-1)[..., 0]
+  logits_PxBxTxV = model_lib.lm_logits(base, h, cfg)
+  target = jnp.broadcast_to(titles_BxT[None, :, 1:, None], (*logits_PxBxTxV.shape[:-1], 1))
+  later = jnp.take_along_axis(logits_PxBxTxV, target, axis=-1)[..., 0] - jax.nn.logsumexp(logits_PxBxTxV, axis=-1)
   later = jnp.sum(jnp.where(valid_BxT[None, :, 1:], later, 0.0), axis=-1)
   return first_logp_PxV[:, titles_BxT[:, 0]] + later
 
@@ -91,13 +100,14 @@ def _score_block(best, base, adapters, cache, next_pos_P, first_logp_PxV, titles
 
 def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]],
                        responses: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int, *,
-                       prompt_batch: int = 8, title_batch: int = 256, bucket: int = 16,
+                       prompt_batch: int = 8, title_batch: int = 256, bucket: int = 16, title_bucket: int = 4,
                        pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(item ids int64 [N, k], their log-probabilities float32 [N, k]), best first, history excluded.
 
   prompts: token lists ending with "### Response:\\n" (BOS, no EOS); responses: item i's response tokens
-  (EOS included); exclude: per prompt, items never to rank. Titles are processed sorted by length, in
-  blocks of `title_batch` padded to a multiple of `bucket`, so a block wastes little on padding.
+  (EOS included); exclude: per prompt, items never to rank. Prompts are left-padded to a multiple of
+  `bucket`; titles are processed sorted by length, in blocks of `title_batch` padded to a multiple of
+  `title_bucket` tokens, so a block wastes little on padding.
   """
   if len(exclude) != len(prompts):
     raise ValueError(f"{len(prompts)} prompts but {len(exclude)} exclusion lists")
@@ -110,7 +120,7 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
   blocks = []
   for start in range(0, len(order), title_batch):
     index = order[start:start + title_batch]
-    width = grounding.bucket_length(int(lengths[index].max()), bucket)
+    width = grounding.bucket_length(int(lengths[index].max()), title_bucket)
     titles = np.full((title_batch, width), pad_id, np.int32)
     for row, item in enumerate(index):
       titles[row, :lengths[item]] = responses[item]
