@@ -45,9 +45,16 @@ def left_pad(token_lists: Sequence[Sequence[int]], length: int, rows: int, pad_i
   return ids, mask
 
 
-def bucket_length(n: int, bucket: int) -> int:
-  """n rounded up to a multiple of `bucket`: few distinct shapes, so few compilations."""
-  return -(-n // bucket) * bucket
+def padded_length(n: int, minimum: int = 8) -> int:
+  """The smallest of minimum, 2^j and 3 * 2^(j-1) (8, 12, 16, 24, 32, 48, ...) that holds n tokens.
+
+  Two shapes per octave: at most 1.5x padding, and few compilations across texts of any length (each
+  shape compiles once; a large model compiles for tens of seconds).
+  """
+  length = minimum
+  while length < n:
+    length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+  return length
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bigrec_positions"))
@@ -59,12 +66,12 @@ def _last_hidden(base, ids_BxT, mask_BxT, *, cfg, bigrec_positions: bool):
 
 
 def embed_texts(base, cfg: model_lib.LlamaConfig, token_lists: Sequence[Sequence[int]], batch_size: int = 32, *,
-                bucket: int = 16, bigrec_positions: bool = False) -> np.ndarray:
+                bigrec_positions: bool = False) -> np.ndarray:
   """float32 [N, D]: the final-normed last-layer hidden state of each token list's last token.
 
   Token lists are embedded as given (the caller adds BOS, as a tokenizer call does by default). Batches
-  are left-padded; by default texts are sorted by length and padded to a multiple of `bucket`, and the
-  result does not depend on the batching. `bigrec_positions=True` reproduces BIGRec (module docstring).
+  are left-padded; by default texts are sorted by length and padded to `padded_length`, and the result
+  does not depend on the batching. `bigrec_positions=True` reproduces BIGRec (module docstring).
   """
   n = len(token_lists)
   lengths = np.array([len(tokens) for tokens in token_lists])
@@ -73,7 +80,7 @@ def embed_texts(base, cfg: model_lib.LlamaConfig, token_lists: Sequence[Sequence
   for start in range(0, n, batch_size):
     index = order[start:start + batch_size]
     longest = int(lengths[index].max())
-    length = longest if bigrec_positions else bucket_length(longest, bucket)
+    length = longest if bigrec_positions else padded_length(longest)
     ids, mask = left_pad([token_lists[i] for i in index], length, batch_size)
     hidden = _last_hidden(base, ids, mask, cfg=cfg, bigrec_positions=bigrec_positions)
     out[index] = np.asarray(hidden)[:len(index)]

@@ -100,14 +100,15 @@ def _score_block(best, base, adapters, cache, next_pos_P, first_logp_PxV, titles
 
 def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]],
                        responses: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int, *,
-                       prompt_batch: int = 8, title_batch: int = 256, bucket: int = 16, title_bucket: int = 4,
+                       prompt_batch: int = 8, title_tokens: int = 512,
                        pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(item ids int64 [N, k], their log-probabilities float32 [N, k]), best first, history excluded.
 
   prompts: token lists ending with "### Response:\\n" (BOS, no EOS); responses: item i's response tokens
-  (EOS included); exclude: per prompt, items never to rank. Prompts are left-padded to a multiple of
-  `bucket`; titles are processed sorted by length, in blocks of `title_batch` padded to a multiple of
-  `title_bucket` tokens, so a block wastes little on padding.
+  (EOS included); exclude: per prompt, items never to rank. Prompts go in batches of `prompt_batch`, all
+  left-padded to one length; titles are sorted by length and cut into blocks of about `title_tokens`
+  padded tokens (memory: prompt_batch x title_tokens x vocab logits), so shapes, and compilations, stay
+  few. Ties go to the shorter title.
   """
   if len(exclude) != len(prompts):
     raise ValueError(f"{len(prompts)} prompts but {len(exclude)} exclusion lists")
@@ -116,28 +117,20 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
   # Blocks index titles by their place in `order`, so a user's history maps to those places.
   place = np.empty(len(order), np.int64)
   place[order] = np.arange(len(order))
-  excluded_places = [place[np.asarray(items, np.int64)] for items in exclude]
-  blocks = []
-  for start in range(0, len(order), title_batch):
-    index = order[start:start + title_batch]
-    width = grounding.bucket_length(int(lengths[index].max()), title_bucket)
-    titles = np.full((title_batch, width), pad_id, np.int32)
-    for row, item in enumerate(index):
-      titles[row, :lengths[item]] = responses[item]
-    ids = np.full(title_batch, -1, np.int32)
-    ids[:len(index)] = index
-    blocks.append((titles, np.pad(lengths[index], (0, title_batch - len(index)), constant_values=1), ids, start))
+  exclude_NxH = topk_lib.pad_item_lists([place[np.asarray(items, np.int64)] for items in exclude])
+  blocks = [_title_block(responses, order[start:stop], width, rows, pad_id) + (start,)
+            for start, stop, width, rows in _title_blocks(lengths[order], title_tokens)]
 
   prompt_order = np.argsort([len(p) for p in prompts], kind="stable")
+  length = grounding.padded_length(max(len(p) for p in prompts))
   ranked = np.zeros((len(prompts), k), np.int64)
   scores = np.zeros((len(prompts), k), np.float32)
   for start in range(0, len(prompts), prompt_batch):
     index = prompt_order[start:start + prompt_batch]
-    length = grounding.bucket_length(max(len(prompts[i]) for i in index), bucket)
     ids, mask = grounding.left_pad([prompts[i] for i in index], length, prompt_batch, pad_id)
     first_logp, cache, next_pos = _prefill(base, adapters, ids, mask, cfg=cfg, lcfg=lcfg)
-    exclude_PxH = topk_lib.pad_item_lists([excluded_places[i] for i in index])
-    exclude_PxH = np.pad(exclude_PxH, ((0, prompt_batch - len(index)), (0, 0)), constant_values=-1)
+    exclude_PxH = np.full((prompt_batch, exclude_NxH.shape[1]), topk_lib.NO_ITEM, np.int32)
+    exclude_PxH[:len(index)] = exclude_NxH[index]
     best = topk_lib.init_topk(prompt_batch, k)
     for titles, title_lengths, title_ids, offset in blocks:
       best = _score_block(best, base, adapters, cache, next_pos, first_logp, titles, title_lengths, title_ids,
@@ -145,3 +138,28 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
     ranked[index] = topk_lib.finalize(*best)[:len(index)]
     scores[index] = np.asarray(best[0])[:len(index)]
   return ranked, scores
+
+
+def _title_blocks(sorted_lengths: np.ndarray, title_tokens: int) -> list[tuple[int, int, int, int]]:
+  """(start, stop, width, rows) of consecutive blocks of length-sorted titles: a block holds titles of one
+  `padded_length` bucket, at most `rows` of them, rows a power of two with rows * width <= title_tokens."""
+  blocks, start = [], 0
+  while start < len(sorted_lengths):
+    width = grounding.padded_length(int(sorted_lengths[start]), minimum=4)
+    rows = 1 << max(0, (title_tokens // width).bit_length() - 1)
+    stop = min(start + rows, int(np.searchsorted(sorted_lengths, width, side="right")))
+    blocks.append((start, stop, width, rows))
+    start = stop
+  return blocks
+
+
+def _title_block(responses, items: np.ndarray, width: int, rows: int, pad_id: int):
+  """(tokens [rows, width], lengths [rows], item ids [rows] with -1 on filler rows)."""
+  titles = np.full((rows, width), pad_id, np.int32)
+  lengths = np.ones(rows, np.int32)
+  ids = np.full(rows, -1, np.int32)
+  for row, item in enumerate(items):
+    titles[row, :len(responses[item])] = responses[item]
+    lengths[row] = len(responses[item])
+    ids[row] = item
+  return titles, lengths, ids

@@ -45,8 +45,8 @@ class RankingConfig:
   bigrec_positions: bool = False  # reproduce BIGRec's padding-dependent embedding positions (grounding.py)
   distance_block: int = 4096  # items per block of the L2 ranking (memory: queries x block)
   likelihood_prompt_batch: int = 8  # prompts scored together in likelihood mode
-  likelihood_title_batch: int = 256  # titles per block in likelihood mode (memory: prompts x titles x V)
-  bucket: int = 16  # token lengths are padded to a multiple of this: fewer shapes, fewer compilations
+  # Title tokens per block in likelihood mode; the block's logits take prompt_batch x this x vocab x 4 bytes.
+  likelihood_title_tokens: int = 512  # CPU optimum on tiny models; raise it on an accelerator
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -111,18 +111,19 @@ def response_tokens(tokenizer, prompts: str | Sequence[str], titles: Sequence[st
 
 
 def beam_generate(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]], *, num_beams: int,
-                  max_new_tokens: int, batch_size: int, eos_id: int, pad_id: int, bucket: int = 16,
+                  max_new_tokens: int, batch_size: int, eos_id: int, pad_id: int,
                   trie: trie_lib.Trie | None = None) -> list[np.ndarray]:
   """The top beam's generated tokens (EOS included when reached) of each prompt.
 
-  Prompts are sorted by length and left-padded in batches of `batch_size` rows to a multiple of `bucket`
-  tokens; padding does not change the result (positions count real tokens, as transformers' generate).
+  Prompts are sorted by length and left-padded in batches of `batch_size` rows to
+  `grounding.padded_length`; padding does not change the result (positions count real tokens, as
+  transformers' generate does).
   """
   order = np.argsort([len(p) for p in prompts], kind="stable")
   out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
   for start in range(0, len(prompts), batch_size):
     index = order[start:start + batch_size]
-    length = grounding.bucket_length(max(len(prompts[i]) for i in index), bucket)
+    length = grounding.padded_length(max(len(prompts[i]) for i in index))
     ids, mask = grounding.left_pad([prompts[i] for i in index], length, batch_size, pad_id)
     result = generation.beam_search(base, adapters, ids, mask, cfg=cfg, lcfg=lcfg, max_new_tokens=max_new_tokens,
                                     num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, trie=trie)
@@ -137,16 +138,16 @@ def generate_responses(base, adapters, cfg, lcfg, tokenizer, prompts: Sequence[S
   """The predicted title (`response_text`) of each prompt, by beam search with the given adapters."""
   generated = beam_generate(base, adapters, cfg, lcfg, prompts, num_beams=rcfg.num_beams,
                             max_new_tokens=rcfg.max_new_tokens, batch_size=rcfg.generation_batch,
-                            eos_id=tokenizer.eos_token_id, pad_id=_pad_id(tokenizer), bucket=rcfg.bucket)
+                            eos_id=tokenizer.eos_token_id, pad_id=_pad_id(tokenizer))
   return [response_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated]
 
 
 def constrained_items(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]], catalog: Catalog, *,
-                      num_beams: int, batch_size: int, eos_id: int, pad_id: int, bucket: int = 16) -> np.ndarray:
+                      num_beams: int, batch_size: int, eos_id: int, pad_id: int) -> np.ndarray:
   """int64 [N]: the item of the top beam of a search restricted to catalog responses (-1: none finished)."""
   longest = max(len(r) for r in catalog.responses)  # every title can finish: its EOS fits
   generated = beam_generate(base, adapters, cfg, lcfg, prompts, num_beams=num_beams, max_new_tokens=longest,
-                            batch_size=batch_size, eos_id=eos_id, pad_id=pad_id, bucket=bucket, trie=catalog.trie)
+                            batch_size=batch_size, eos_id=eos_id, pad_id=pad_id, trie=catalog.trie)
   return trie_lib.lookup(catalog.trie, generated)
 
 
@@ -200,12 +201,11 @@ def rank_client(base, adapters, cfg, lcfg, tokenizer, catalog: Catalog, prompts:
   if rcfg.mode == "likelihood":
     items, _ = likelihood.rank_by_likelihood(
         base, adapters, cfg, lcfg, prompts, catalog.responses, histories, k,
-        prompt_batch=rcfg.likelihood_prompt_batch, title_batch=rcfg.likelihood_title_batch, bucket=rcfg.bucket,
-        pad_id=pad_id)
+        prompt_batch=rcfg.likelihood_prompt_batch, title_tokens=rcfg.likelihood_title_tokens, pad_id=pad_id)
     return Ranking(items, [catalog.titles[i] if i >= 0 else "" for i in items[:, 0]])
   if rcfg.mode == "constrained":
     chosen = constrained_items(base, adapters, cfg, lcfg, prompts, catalog, num_beams=rcfg.num_beams,
-                               batch_size=rcfg.generation_batch, eos_id=eos_id, pad_id=pad_id, bucket=rcfg.bucket)
+                               batch_size=rcfg.generation_batch, eos_id=eos_id, pad_id=pad_id)
     predictions = [catalog.titles[i] if i >= 0 else "" for i in chosen]
     pred_emb = catalog.item_embeddings[np.maximum(chosen, 0)]
     if (chosen < 0).any():  # no beam finished a title (cannot happen with full-length beams): embed ""
@@ -219,7 +219,7 @@ def rank_client(base, adapters, cfg, lcfg, tokenizer, catalog: Catalog, prompts:
 
 def _embed(base, cfg, tokenizer, texts, rcfg: RankingConfig) -> np.ndarray:
   return grounding.embed_texts(base, cfg, embedding_tokens(tokenizer, texts), rcfg.embed_batch,
-                               bucket=rcfg.bucket, bigrec_positions=rcfg.bigrec_positions)
+                               bigrec_positions=rcfg.bigrec_positions)
 
 
 # ----------------------------------------------------------------------------------------------------

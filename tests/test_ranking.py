@@ -79,9 +79,9 @@ def test_catalog_likelihood_equals_full_forward_of_each_title(shop):
   responses = recommend.response_tokens(tokenizer, texts, TITLES)
   with torch.no_grad():
     ref = brute_force_scores(lambda ids: hf(torch.tensor(ids)).logits.numpy(), prompts, responses)
-  # Blocks of 5 titles and 2 prompts: several blocks, left-padded prompts, a partly filled last block.
+  # Blocks of ~40 title tokens and 2 prompts: several blocks, left-padded prompts, a partly filled block.
   ranked, scores = likelihood.rank_by_likelihood(params, {}, cfg, LCFG, prompts, responses, [[]] * 3, len(TITLES),
-                                                 prompt_batch=2, title_batch=5)
+                                                 prompt_batch=2, title_tokens=40)
   got = scores_matrix(ranked, scores, len(TITLES))
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert (np.diff(scores, axis=1) <= 0).all()  # best first
@@ -95,7 +95,7 @@ def test_catalog_likelihood_with_adapters_and_history(shop):
   ref = brute_force_scores(lambda ids: forward(params, adapters, ids), prompts, responses)
   exclude = [[int(np.argmax(ref[0]))], [], [0, 1, 2, 3, 4, 5, 6, 7, 8]]  # user 0's best item is history
   ranked, scores = likelihood.rank_by_likelihood(params, adapters, cfg, LCFG, prompts, responses, exclude, 5,
-                                                 prompt_batch=4, title_batch=8)
+                                                 prompt_batch=4, title_tokens=64)
   for n, banned in enumerate(exclude):
     masked = ref[n].copy()
     masked[banned] = -np.inf
@@ -176,3 +176,13 @@ def test_constrained_search_follows_a_biased_model(shop):
     free = recommend.generate_responses(biased, {}, cfg, LCFG, tokenizer, prompts[:1],
                                         recommend.RankingConfig(max_new_tokens=12))
     assert free[0] not in TITLES  # unconstrained, the biased model babbles: the trie is what keeps it valid
+
+
+def test_title_blocks_cover_the_catalog_within_budget():
+  lengths = np.sort(np.random.RandomState(0).randint(3, 120, 500))
+  blocks = likelihood._title_blocks(lengths, 256)
+  assert blocks[0][0] == 0 and blocks[-1][1] == 500
+  assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+  for start, stop, width, rows in blocks:
+    assert stop - start <= rows and (rows * width <= 256 or rows == 1) and lengths[stop - 1] <= width
+  assert len({(w, r) for _, _, w, r in blocks}) <= 12  # few shapes, few compilations
