@@ -30,14 +30,15 @@ def topk_metrics(ranked, ground_truth: Sequence[Sequence[int]], ks: Sequence[int
   """Precision, Recall, NDCG and MRR at every K, averaged over users with non-empty ground truth.
 
   Args:
-    ranked: int [N, Kmax] item ids, best first (-1 = no item); Kmax >= max(ks); ids unique in a row.
+    ranked: int [N, Kmax] item ids, best first (-1 = no item); Kmax >= max(ks). An item repeated in a row
+      counts at its first rank only.
     ground_truth: N lists of relevant item ids (several for a multi-target user; may be empty).
     ks: cut-offs.
   Returns:
     {"precision@K", "recall@K", "ndcg@K", "mrr@K" for every K in ks: float}.
   Raises:
-    ValueError: on a shape or length mismatch, Kmax < max(ks), a repeated item in a row, or when no user
-      has ground truth.
+    ValueError: on a shape or length mismatch, Kmax < max(ks), an id below -1, or when no user has
+      ground truth.
   """
   per_user = per_user_metrics(ranked, ground_truth, ks)
   return {name: float(np.mean(values)) for name, values in per_user.items()}
@@ -87,20 +88,28 @@ def _check_inputs(ranked, ground_truth, ks) -> tuple[np.ndarray, tuple[int, ...]
     raise ValueError(f"ks must be positive cut-offs, got {ks}")
   if ranked.shape[1] < max(ks):
     raise ValueError(f"ranked has Kmax={ranked.shape[1]} columns, fewer than max(ks)={max(ks)}: rank deeper")
-  real = np.sort(np.where(ranked >= 0, ranked, -np.arange(1, ranked.shape[1] + 1)), axis=1)
-  repeated = np.flatnonzero((real[:, 1:] == real[:, :-1]).any(axis=1))
-  if repeated.size:
-    raise ValueError(f"ranked row {repeated[0]} repeats an item: {ranked[repeated[0]].tolist()}")
   return ranked, ks
 
 
 def _hits(ranked_NxK: np.ndarray, truth: Sequence[np.ndarray]) -> np.ndarray:
-  """bool [N, K]: ranked[n, r] is in truth[n] (one vectorised isin over (user, item) keys)."""
+  """bool [N, K]: ranked[n, r] is in truth[n] and not already ranked higher (one vectorised isin over
+  (user, item) keys)."""
   num_items = 1 + max(int(ranked_NxK.max(initial=0)), max(int(t.max()) for t in truth))
   users = np.arange(ranked_NxK.shape[0], dtype=np.int64)
   truth_keys = np.concatenate([n * num_items + t for n, t in zip(users, truth)])
   keys = users[:, None] * num_items + ranked_NxK
-  return np.isin(keys, truth_keys) & (ranked_NxK >= 0)
+  return np.isin(keys, truth_keys) & (ranked_NxK >= 0) & _first_occurrence(ranked_NxK)
+
+
+def _first_occurrence(ranked_NxK: np.ndarray) -> np.ndarray:
+  """bool [N, K]: the item does not appear earlier in its row (a repeated item can only hit once)."""
+  order = np.argsort(ranked_NxK, axis=1, kind="stable")
+  sorted_items = np.take_along_axis(ranked_NxK, order, axis=1)
+  repeat = np.zeros_like(sorted_items, dtype=bool)
+  repeat[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+  first = np.empty_like(repeat)
+  np.put_along_axis(first, order, ~repeat, axis=1)
+  return first
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def test_input_errors(toy):
     metrics.topk_metrics(ranked, truth, ks=(5,))
   with pytest.raises(ValueError, match="3 users"):
     metrics.topk_metrics(ranked, truth[:3], ks=(2,))
-  with pytest.raises(ValueError, match="repeats an item"):
-    metrics.topk_metrics(np.array([[1, 2, 1]]), [[1]], ks=(2,))
+  with pytest.raises(ValueError, match="-1 for no item"):
+    metrics.topk_metrics(np.array([[1, -2]]), [[1]], ks=(2,))
   with pytest.raises(ValueError, match="none of the"):
     metrics.topk_metrics(ranked[2:3], [[]], ks=(2,))
   with pytest.raises(ValueError, match="integer"):
@@ -92,3 +92,10 @@ def test_markdown_table():
   table = metrics.markdown_table({"fellrec": report}, ["recall@10"])
   assert table.splitlines()[0] == "| method | recall@10 overall | recall@10 min | recall@10 max | recall@10 std |"
   assert table.splitlines()[2] == "| fellrec | 0.2500 | 0.1000 | 0.3000 | 0.1000 |"
+
+
+def test_a_repeated_item_hits_once():
+  got = metrics.topk_metrics(np.array([[7, 7, 8, 7]]), [[7, 8]], ks=(3,))
+  assert got["precision@3"] == pytest.approx(2 / 3)  # 7 at rank 1, 8 at rank 3; the second 7 is no hit
+  assert got["recall@3"] == 1.0
+  assert got["ndcg@3"] == pytest.approx((1 + D3) / (1 + D2))
