@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from fellrec_jax import lora as lora_lib
 from fellrec_jax import model as model_lib
+from fellrec_jax import trie as trie_lib
 
 NEG = -1.0e9  # transformers' sentinel for "not selectable"
 
@@ -123,6 +124,7 @@ class _BeamState(NamedTuple):
   improvable: jax.Array  # [B, 1] bool: the early-stop heuristic is not yet satisfied
   positions: jax.Array  # [B*N] position of the next token
   done: jax.Array  # bool
+  nodes: jax.Array  # [B*N] trie node of each running beam (constrained search only)
 
 
 def _gather(x, idx):
@@ -134,8 +136,12 @@ def _gather(x, idx):
                                              "length_penalty"))
 def beam_search(base, adapters, prompt, attention_mask, *, cfg: model_lib.LlamaConfig,
                 lcfg: lora_lib.LoraConfig, max_new_tokens: int, num_beams: int, eos_id: int, pad_id: int,
-                length_penalty: float = 1.0) -> Output:
-  """Beam search as transformers' `generate(num_beams=N, do_sample=False, early_stopping=False)`."""
+                length_penalty: float = 1.0, trie: trie_lib.Trie | None = None) -> Output:
+  """Beam search as transformers' `generate(num_beams=N, do_sample=False, early_stopping=False)`.
+
+  With a `trie`, each beam may only continue a sequence of the trie (as transformers'
+  `prefix_allowed_tokens_fn`: other tokens' log-probs become -inf, without renormalising).
+  """
   B, Tp = prompt.shape
   N, M = num_beams, max_new_tokens
   logits, cache, next_pos = prefill(base, adapters, prompt, attention_mask, cfg, lcfg, M)
@@ -148,18 +154,22 @@ def beam_search(base, adapters, prompt, attention_mask, *, cfg: model_lib.LlamaC
       running_scores=jnp.concatenate([jnp.zeros((B, 1)), jnp.full((B, N - 1), NEG)], axis=1),
       finished=empty, finished_scores=jnp.full((B, N), NEG), finished_lengths=jnp.zeros((B, N), jnp.int32),
       is_finished=jnp.zeros((B, N), bool),
-      improvable=jnp.ones((B, 1), bool), positions=expand(next_pos), done=jnp.bool_(False))
+      improvable=jnp.ones((B, 1), bool), positions=expand(next_pos), done=jnp.bool_(False),
+      nodes=jnp.zeros((B * N,), jnp.int32))
   step = functools.partial(_beam_step, base=base, adapters=adapters, cfg=cfg, lcfg=lcfg, eos_id=eos_id,
-                           length_penalty=length_penalty)
+                           length_penalty=length_penalty, trie=trie)
   state = jax.lax.while_loop(lambda s: ~s.done, step, state)
   return Output(state.finished[:, 0], state.finished_lengths[:, 0], state.finished_scores[:, 0])
 
 
-def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penalty) -> _BeamState:
+def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penalty, trie) -> _BeamState:
   B, N, M = s.running.shape
   V = s.logits.shape[-1]
   K = 2 * N  # candidates kept per step: max(2, 1 + number of EOS ids) * beams
-  logp = jax.nn.log_softmax(s.logits, axis=-1).reshape(B, N, V) + s.running_scores[:, :, None]
+  logp = jax.nn.log_softmax(s.logits, axis=-1)
+  if trie is not None:
+    logp = jnp.where(trie_lib.allowed_tokens(trie, s.nodes, V), logp, -jnp.inf)
+  logp = logp.reshape(B, N, V) + s.running_scores[:, :, None]
   top_logp, top_idx = jax.lax.top_k(logp.reshape(B, N * V), K)
   src_beam, token = top_idx // V, (top_idx % V).astype(jnp.int32)
   candidates = _gather(s.running, src_beam).at[:, :, s.cur].set(token)
@@ -186,6 +196,7 @@ def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penal
   cache = Cache(s.cache.k[:, flat_src], s.cache.v[:, flat_src], s.cache.key_valid[flat_src], s.cache.index)
   positions = s.positions[flat_src]
   new_tokens = running[:, :, s.cur].reshape(-1, 1)
+  nodes = s.nodes if trie is None else trie_lib.advance(trie, s.nodes[flat_src], new_tokens[:, 0])
   logits, cache = decode(base, adapters, new_tokens, positions[:, None], jnp.ones((B * N, 1), bool), cache,
                          cfg, lcfg)
 
@@ -195,4 +206,4 @@ def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penal
   improvable = s.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
   done = ~jnp.any(improvable) | jnp.all(hits) | (cur >= M)
   return _BeamState(cur, logits, cache, running, running_scores, finished, finished_scores, finished_lengths,
-                    is_finished, improvable, positions + 1, done)
+                    is_finished, improvable, positions + 1, done, nodes)

@@ -1,0 +1,112 @@
+"""PNG plots of evaluation reports (eval.json) and training curves (metrics.jsonl).
+
+Figures are built with matplotlib's object API and saved through the Agg canvas: no pyplot global
+state, no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+CLIENT_CURVES = ("train_loss", "val_loss", "warm_weight")  # per-client fields of a metrics.jsonl round
+ROUND_CURVES = ("comm_bytes", "seconds")  # per-round scalars of a metrics.jsonl round
+
+
+def read_jsonl(path) -> list[dict]:
+  """The JSON objects of a .jsonl file, one per non-empty line."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_client_bars(reports: Mapping[str, Mapping], path, metrics: Sequence[str] = ("recall@10", "ndcg@10"),
+                     title: str | None = None) -> Path:
+  """Bars of each metric per client, one bar per method, plus the weighted overall ("all").
+
+  reports: {method name: eval.json report}; the methods' clients are matched by client id.
+  """
+  if not reports:
+    raise ValueError("no report to plot")
+  clients = sorted({c["client"] for report in reports.values() for c in report["clients"]})
+  groups = [str(c) for c in clients] + ["all"]
+  fig = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(reports)) ** 0.5 + 2), 3.2 * len(metrics)))
+  width = 0.8 / len(reports)
+  for row, metric in enumerate(metrics):
+    ax = fig.add_subplot(len(metrics), 1, row + 1)
+    for m, (method, report) in enumerate(reports.items()):
+      by_client = {c["client"]: c[metric] for c in report["clients"]}
+      values = [by_client.get(c, np.nan) for c in clients] + [report["overall"][metric]]
+      ax.bar(np.arange(len(groups)) + (m - (len(reports) - 1) / 2) * width, values, width, label=method)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    if row == len(metrics) - 1:
+      ax.set_xlabel("client")
+    if len(reports) > 1 and row == 0:
+      ax.legend(fontsize="small")
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def plot_round_curves(rounds: Sequence[Mapping], path, client_curves: Sequence[str] = CLIENT_CURVES,
+                      round_curves: Sequence[str] = ROUND_CURVES, eval_metric: str = "recall@10") -> Path:
+  """Per-round curves from metrics.jsonl records: one panel per field, one line per client.
+
+  A record is {"round", "clients": [{"client", <client_curves>...}], <round_curves>...}; fields absent
+  from every record are skipped. A record may also carry "eval" (an eval.json report of that round):
+  its `eval_metric` is drawn per client and overall.
+  """
+  rounds = sorted(rounds, key=lambda r: r["round"])
+  panels = [("client", f) for f in client_curves if any(f in c for r in rounds for c in r.get("clients", []))]
+  panels += [("round", f) for f in round_curves if any(f in r for r in rounds)]
+  if any("eval" in r for r in rounds):
+    panels.append(("eval", eval_metric))
+  if not panels:
+    raise ValueError(f"no plottable field in {len(rounds)} metrics records")
+  cols = min(2, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig = Figure(figsize=(5.5 * cols, 3.2 * nrows))
+  for index, (kind, field) in enumerate(panels):
+    ax = fig.add_subplot(nrows, cols, index + 1)
+    for label, xs, ys in _series(rounds, kind, field):
+      ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label,
+              linewidth=2.5 if label == "overall" else 1.2)
+    ax.set_title(field)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if kind != "round":
+      ax.legend(fontsize="x-small", ncol=2)
+  return _save(fig, path)
+
+
+def _series(rounds, kind: str, field: str):
+  """(label, rounds, values) lines of one panel."""
+  if kind == "round":
+    points = [(r["round"], r[field]) for r in rounds if field in r]
+    return [(field, *zip(*points))]
+  per_client: dict[int, list[tuple[int, float]]] = {}
+  overall = []
+  for r in rounds:
+    entries = r.get("clients", []) if kind == "client" else r.get("eval", {}).get("clients", [])
+    for c in entries:
+      if c.get(field) is not None:
+        per_client.setdefault(c["client"], []).append((r["round"], c[field]))
+    if kind == "eval" and "eval" in r:
+      overall.append((r["round"], r["eval"]["overall"][field]))
+  lines = [(f"client {c}", *zip(*points)) for c, points in sorted(per_client.items())]
+  return lines + ([("overall", *zip(*overall))] if overall else [])
+
+
+def _save(fig: Figure, path) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path

@@ -1,0 +1,101 @@
+"""Top-K metrics, the per-client report and the popularity baseline against hand-computed values."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fellrec_jax import metrics
+
+D2, D3 = 1 / np.log2(3), 1 / np.log2(4)  # NDCG discounts of ranks 2 and 3 (1-based); rank 1 has 1
+
+
+@pytest.fixture
+def toy():
+  ranked = np.array([
+      [10, 11, 12, 13],  # A: GT {11, 13}: hits at rank 2 and rank 4 = K+1 for K=3
+      [20, 21, 22, 23],  # B: GT {22}: a hit exactly at rank K=3
+      [40, 41, 42, 43],  # C: empty GT, skipped
+      [30, -1, -1, -1],  # D: GT of 5 items (more than K), one hit at rank 1, the rest of the row empty
+  ])
+  truth = [[13, 11], [22], [], [30, 31, 32, 33, 34]]
+  return ranked, truth
+
+
+def test_topk_metrics_hand_computed(toy):
+  ranked, truth = toy
+  got = metrics.topk_metrics(ranked, truth, ks=(2, 3))
+  ndcg_a = D2 / (1 + D2)  # one hit at rank 2; IDCG over min(2, K) = 2 ranks
+  expected = {
+      "precision@2": (1 / 2 + 0 + 1 / 2) / 3,
+      "precision@3": (1 / 3 + 1 / 3 + 1 / 3) / 3,
+      "recall@2": (1 / 2 + 0 + 1 / 5) / 3,
+      "recall@3": (1 / 2 + 1 + 1 / 5) / 3,
+      "ndcg@2": (ndcg_a + 0 + 1 / (1 + D2)) / 3,
+      "ndcg@3": (ndcg_a + D3 / 1 + 1 / (1 + D2 + D3)) / 3,
+      "mrr@2": (1 / 2 + 0 + 1) / 3,
+      "mrr@3": (1 / 2 + 1 / 3 + 1) / 3,
+  }
+  assert sorted(got) == sorted(expected)
+  for name, value in expected.items():
+    assert got[name] == pytest.approx(value, abs=1e-12), name
+  assert got["ndcg@2"] == pytest.approx(1 / 3)  # ndcg_a + 1/(1+D2) = 1: a check on the arithmetic above
+
+
+def test_default_keys_and_perfect_ranking():
+  ranked = np.arange(40).reshape(2, 20)
+  got = metrics.topk_metrics(ranked, [[0], [20, 21]])
+  assert list(got) == [f"{m}@{k}" for m in ("precision", "recall", "ndcg", "mrr") for k in (5, 10, 20)]
+  assert got["recall@5"] == got["ndcg@5"] == got["mrr@20"] == 1.0
+  assert got["precision@5"] == pytest.approx((1 / 5 + 2 / 5) / 2)
+
+
+def test_input_errors(toy):
+  ranked, truth = toy
+  with pytest.raises(ValueError, match="fewer than max"):
+    metrics.topk_metrics(ranked, truth, ks=(5,))
+  with pytest.raises(ValueError, match="3 users"):
+    metrics.topk_metrics(ranked, truth[:3], ks=(2,))
+  with pytest.raises(ValueError, match="-1 for no item"):
+    metrics.topk_metrics(np.array([[1, -2]]), [[1]], ks=(2,))
+  with pytest.raises(ValueError, match="none of the"):
+    metrics.topk_metrics(ranked[2:3], [[]], ks=(2,))
+  with pytest.raises(ValueError, match="integer"):
+    metrics.topk_metrics(ranked.astype(float), truth, ks=(2,))
+
+
+def test_client_report_hand_computed():
+  per_client = [{"recall@10": 0.1, "ndcg@10": 0.0}, {"recall@10": 0.3, "ndcg@10": 0.5},
+                {"recall@10": 0.2, "ndcg@10": 0.25}]
+  report = metrics.client_report(per_client, [10, 30, 60])
+  assert report["overall"]["recall@10"] == pytest.approx((0.1 * 10 + 0.3 * 30 + 0.2 * 60) / 100)  # 0.22
+  assert report["overall"]["ndcg@10"] == pytest.approx(0.3)
+  assert report["balance"]["recall@10"] == pytest.approx(
+      {"std": np.sqrt((0.01 + 0.01 + 0) / 3), "min": 0.1, "max": 0.3, "max_over_min": 3.0})
+  assert report["balance"]["ndcg@10"]["std"] == pytest.approx(np.sqrt((0.0625 + 0.0625) / 3))
+  assert report["balance"]["ndcg@10"]["max_over_min"] is None  # min 0: the ratio is undefined
+  assert report["clients"][1] == {"client": 1, "num_test_users": 30, "recall@10": 0.3, "ndcg@10": 0.5}
+  json.dumps(report, allow_nan=False)  # eval.json stays strict JSON
+  with pytest.raises(ValueError, match="test users"):
+    metrics.client_report(per_client, [10, 0, 60])
+
+
+def test_popularity_ranking_excludes_history():
+  counts = metrics.item_counts([[1, 2, 0], [1, 2, 1, 2, 5], [0, 1, 2, 3, 5, 5]], 6)
+  np.testing.assert_array_equal(counts, [2, 4, 4, 1, 0, 3])
+  ranked = metrics.popularity_ranking(counts, [[2], [1, 0, 5, 3], []], k=3)
+  np.testing.assert_array_equal(ranked, [[1, 5, 0], [2, 4, -1], [1, 2, 5]])
+
+
+def test_markdown_table():
+  report = metrics.client_report([{"recall@10": 0.1}, {"recall@10": 0.3}], [1, 3])
+  table = metrics.markdown_table({"fellrec": report}, ["recall@10"])
+  assert table.splitlines()[0] == "| method | recall@10 overall | recall@10 min | recall@10 max | recall@10 std |"
+  assert table.splitlines()[2] == "| fellrec | 0.2500 | 0.1000 | 0.3000 | 0.1000 |"
+
+
+def test_a_repeated_item_hits_once():
+  got = metrics.topk_metrics(np.array([[7, 7, 8, 7]]), [[7, 8]], ks=(3,))
+  assert got["precision@3"] == pytest.approx(2 / 3)  # 7 at rank 1, 8 at rank 3; the second 7 is no hit
+  assert got["recall@3"] == 1.0
+  assert got["ndcg@3"] == pytest.approx((1 + D3) / (1 + D2))
