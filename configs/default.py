@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.rows = 16  # sequences per step
   c.pretrain.row_len = 128  # tokens per sequence
   c.pretrain.learning_rate = 3e-3  # peak learning rate (warm-up + cosine)
+  c.pretrain.cache_dir = ""  # where the pretrained base is kept and reused; "" = <workdir>/base_model
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8  # r (reference 8)
@@ -85,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()  # SPEC §5
   c.eval.at_end = True  # evaluate the best adapters on the test split when training ends
   c.eval.every = 0  # also evaluate every N rounds (0 = never)
-  c.eval.mode = "generate"  # generate (beam search + grounding) | likelihood | constrained
+  c.eval.mode = "grounding"  # grounding (beam search + L2 grounding, BIGRec) | likelihood | constrained
   c.eval.num_beams = 4  # beams (reference 4)
   c.eval.max_new_tokens = 128  # generated tokens (reference 128)
   c.eval.batch_size = 32  # prompts per generation batch

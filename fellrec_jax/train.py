@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from fellrec_jax import aggregation, batching, checkpoint, federated, heating, hf_interop
+from fellrec_jax import aggregation, batching, checkpoint, evaluation, federated, heating, hf_interop
 from fellrec_jax import lora as lora_lib
 from fellrec_jax import model as model_lib
 from fellrec_jax import optimizer as optimizer_lib
@@ -111,8 +111,8 @@ def setup_logging(workdir: Path) -> None:
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
-  if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-    stream = logging.StreamHandler()
+  if not logging.getLogger().handlers and not any(type(h) is logging.StreamHandler for h in logger.handlers):
+    stream = logging.StreamHandler()  # nobody prints our records yet (no root handler)
     stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger.addHandler(stream)
 
@@ -134,7 +134,7 @@ def load_base(config, data: pipeline.FederatedData, workdir: Path):
       max_position_embeddings=m.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=data.pad_id, dtype=m.dtype)
   p = config.pretrain
-  return pretrain.load_or_pretrain(workdir / "base_model", cfg, tokenizer, data.dataset.catalog,
+  return pretrain.load_or_pretrain(p.get("cache_dir") or workdir / "base_model", cfg, tokenizer, data.dataset.catalog,
                                    steps=p.steps, rows=p.rows, row_len=p.row_len,
                                    learning_rate=p.learning_rate, seed=config.seed)
 
@@ -420,7 +420,7 @@ def config_dict(config) -> dict:
 def resume_or_init(run: Run, mngr) -> TrainState:
   fresh = init_state(run)
   fingerprint = checkpoint.config_fingerprint(config_dict(run.config), RESUMABLE_FIELDS)
-  restored = checkpoint.restore(mngr, _checkpointable(fresh))
+  restored = checkpoint.restore(mngr, checkpointable(fresh))
   if restored is None:
     return fresh
   step, saved, meta = restored
@@ -430,8 +430,8 @@ def resume_or_init(run: Run, mngr) -> TrainState:
   return place(run, _from_checkpointable(saved, fresh))
 
 
-def _checkpointable(state: TrainState):
-  """Orbax stores no None: absent parts become empty dicts."""
+def checkpointable(state: TrainState):
+  """The state as Orbax stores it (no None: absent parts become empty dicts)."""
   clients = state.clients._asdict()
   clients["opt_state"] = clients["opt_state"] if clients["opt_state"] is not None else {}
   glob = {} if state.global_clients is None else state.global_clients._asdict()
@@ -477,6 +477,8 @@ def train(config, workdir) -> dict:
   progress = tqdm(rounds, desc="rounds", unit="round", initial=first, total=config.fed.rounds)
   for r in progress:
     state, record = run_round(run, state, r, valid)
+    if config.eval.every and (r + 1) % config.eval.every == 0:
+      record["eval"] = evaluation.evaluate(run, state.best_adapters, write=False)
     with open(run.workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
     progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
@@ -485,7 +487,7 @@ def train(config, workdir) -> dict:
                 [round(c["train_loss"], 3) for c in record["clients"]], record["seconds"])
     done = bool(state.server.stopped) or r == last - 1
     if done or (r + 1) % config.checkpoint_every == 0:
-      checkpoint.save(mngr, r + 1, _checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
+      checkpoint.save(mngr, r + 1, checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
     if bool(state.server.stopped):
       logger.info("early stop after round %d: no better weighted validation loss for %d rounds", r,
                   int(state.server.stale_rounds))
@@ -495,6 +497,9 @@ def train(config, workdir) -> dict:
   (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   print(summary_table(summary))
   save_best_adapters(run, state)
+  if config.eval.at_end:
+    summary["eval"] = evaluation.evaluate(run, state.best_adapters)["overall"]
+    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
@@ -529,5 +534,6 @@ def save_best_adapters(run: Run, state: TrainState, max_clients: int = 64) -> No
     return
   best = jax.tree.map(np.asarray, state.best_adapters)
   for c in range(run.num_clients):
+    base_dir = run.config.model.hf_dir or run.config.pretrain.cache_dir or str(run.workdir / "base_model")
     hf_interop.save_peft_adapter(run.workdir / "adapters" / f"client_{c}", jax.tree.map(lambda x: x[c], best),
-                                 run.lcfg, run.config.model.hf_dir or str(run.workdir / "base_model"))
+                                 run.lcfg, base_dir)
