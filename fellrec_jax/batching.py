@@ -19,10 +19,12 @@ import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from fellrec_jax.records import DataError
 
-Example = tuple[np.ndarray, np.ndarray]  # (ids int32 [L], loss_mask float32 [L])
+Example = tuple[np.ndarray, np.ndarray]
+PROGRESS_MIN_CLIENTS = 200  # packing fewer clients takes well under a second: no bar  # (ids int32 [L], loss_mask float32 [L])
 
 
 class RoundBatches(NamedTuple):
@@ -175,7 +177,9 @@ def round_batches(plan: BatchPlan, round_index: int,
       tokens=np.full(shape, plan.pad_id, np.int32), positions=np.zeros(shape, np.int32),
       segment_ids=np.zeros(shape, np.int32), loss_mask=np.zeros(shape, np.float32),
       step_mask=np.zeros(shape[:2], bool), num_examples=np.zeros(shape[:2], np.int32))
-  for slot, client in enumerate(clients):
+  progress = tqdm(clients, desc=f"packing round {round_index}", unit="client", leave=False,
+                  disable=len(clients) < PROGRESS_MIN_CLIENTS)
+  for slot, client in enumerate(progress):
     for step, indices in enumerate(step_indices(plan, round_index, client)):
       _pack_step(plan, batches, slot, step, [plan.suffixes[client][i] for i in indices])
   return batches

@@ -32,9 +32,9 @@ def partition_users(dataset: Dataset, method: str, num_clients: int, seed: int, 
   if num_clients > len(users):
     raise ValueError(f"{num_clients} clients but only {len(users)} users: every client needs a user")
   if method == "per_user":
-    if num_clients != len(users):
+    if num_clients not in (0, len(users)):
       raise ValueError(f"per_user makes one client per user: set num_clients = {len(users)} "
-                       f"(the number of users), got {num_clients}")
+                       f"(the number of users) or 0, got {num_clients}")
     return {user: client for client, user in enumerate(users)}
   if method == "random":
     labels = random_labels(len(users), num_clients, seed)
@@ -193,8 +193,8 @@ def dirichlet_labels(groups: np.ndarray, num_clients: int, alpha: float, seed: i
   return labels
 
 
-def partition_table(dataset: Dataset, client_of_user: dict[int, int]) -> str:
-  """Per client: users and train/valid/test samples, with totals."""
+def partition_table(dataset: Dataset, client_of_user: dict[int, int], max_rows: int = 40) -> str:
+  """Per client: users and train/valid/test samples, with totals (a summary beyond max_rows clients)."""
   num_clients = max(client_of_user.values()) + 1
   counts = np.zeros((num_clients, 4), np.int64)
   for client in client_of_user.values():
@@ -202,7 +202,13 @@ def partition_table(dataset: Dataset, client_of_user: dict[int, int]) -> str:
   for column, name in enumerate(SPLITS, start=1):
     for record in dataset.split(name):
       counts[client_of_user[record.user], column] += 1
+  row = lambda name, values: f"{name:>8} " + " ".join(f"{v:>7}" for v in values)
   lines = [f"{'client':>8} {'users':>7} {'train':>7} {'valid':>7} {'test':>7}"]
-  lines += [f"{c:>8} " + " ".join(f"{v:>7}" for v in row) for c, row in enumerate(counts)]
-  lines.append(f"{'total':>8} " + " ".join(f"{v:>7}" for v in counts.sum(axis=0)))
+  shown = range(num_clients) if num_clients <= max_rows else range(max_rows // 2)
+  lines += [row(c, counts[c]) for c in shown]
+  if num_clients > max_rows:  # thousands of clients: the first ones, then the spread
+    lines.append(f"{'...':>8} ({num_clients - len(shown)} more clients)")
+    for name, stat in (("min", np.min), ("median", np.median), ("max", np.max)):
+      lines.append(row(name, [int(v) for v in stat(counts, axis=0)]))
+  lines.append(row("total", counts.sum(axis=0)))
   return "\n".join(lines)

@@ -32,12 +32,22 @@ _NO_LORA = lora_lib.LoraConfig(dropout=0.0)
 
 
 def title_rows(tokenizer, titles, *, rows: int, row_len: int, rng: np.random.Generator) -> np.ndarray:
-  """[rows, row_len] token rows: BOS + random titles in the prompts' list format, cut to row_len."""
+  """[rows, row_len] token rows (-1 = padding) of BOS + titles in the prompts' list format, cut to row_len.
+
+  Half the rows list random titles; the other half list a run of the alphabetically sorted catalog, as a
+  catalog listing does, so that the base model sees related titles (a series' installments, platforms)
+  next to each other: the kind of world knowledge a real pretrained LLM brings.
+  """
+  ordered = sorted(titles)
+  count = min(len(titles), row_len // 4 + 1)
   out = np.full((rows, row_len), -1, np.int64)
   for r in range(rows):
-    picks = rng.choice(len(titles), size=min(len(titles), row_len // 4 + 1), replace=False)
-    ids = tokenizer(format_titles([titles[i] for i in picks]), add_special_tokens=True)["input_ids"]
-    ids = list(ids[:row_len])
+    if r % 2:
+      start = int(rng.integers(len(ordered)))
+      picks = [ordered[(start + i) % len(ordered)] for i in range(count)]
+    else:
+      picks = [titles[i] for i in rng.choice(len(titles), size=count, replace=False)]
+    ids = tokenizer(format_titles(picks), add_special_tokens=True)["input_ids"][:row_len]
     out[r, :len(ids)] = ids
   return out
 

@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from fellrec_jax import generation
 from fellrec_jax import grounding
@@ -241,7 +242,9 @@ def evaluate_clients(base, cfg, lcfg, tokenizer, catalog: Catalog, client_adapte
   weighted by its cases with ground truth, so `overall` is the mean over all those cases.
   """
   per_client, counts, clients, rankings = [], [], [], {}
-  for client, cases in enumerate(client_cases):
+  progress = tqdm(list(enumerate(client_cases)), desc="evaluating clients", unit="client",
+                  disable=len(client_cases) < 2)
+  for client, cases in progress:
     if not cases:
       continue
     adapters = client_adapters[client] if isinstance(client_adapters, (list, tuple)) else select_client(

@@ -88,9 +88,12 @@ def validate_config(config) -> None:
   fed = config.fed
   if fed.aggregator not in AGGREGATORS:
     raise ValueError(f"fed.aggregator={fed.aggregator!r} is unknown; choose from {AGGREGATORS}")
-  for name in ("num_clients", "rounds", "local_epochs"):
+  for name in ("rounds", "local_epochs"):
     if fed[name] < 1:
       raise ValueError(f"fed.{name} must be >= 1, got {fed[name]}")
+  if fed.num_clients < 1 and not (fed.num_clients == 0 and config.data.partition == "per_user"):
+    raise ValueError(f"fed.num_clients must be >= 1 (or 0 with data.partition=per_user: one client per "
+                     f"user), got {fed.num_clients}")
   if fed.server_adapters not in ("per_client", "shared"):
     raise ValueError(f"fed.server_adapters must be 'per_client' or 'shared', got {fed.server_adapters!r}")
   if config.fellrec.heat_apply_to not in ("aggregation", "aggregation_and_local_lr"):
