@@ -8,10 +8,12 @@ training, centralized). The FELLRec update is also available in its heated serve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from fellrec_jax import heating
@@ -93,3 +95,61 @@ def pseudo_gradients(tree, similarity_CxC):
   neighbours = off / jnp.where(total > 0, total, 1.0)  # a lone client has no neighbours: m_i = 0, eta_i = 0
   return jax.tree.map(lambda x: x - jnp.einsum("ij,j...->i...", neighbours, x.astype(jnp.float32)).astype(x.dtype),
                       tree)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The server's aggregation step
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorSpec:
+  """Static description of the server's aggregation (hashable: a jit static argument)."""
+
+  name: str  # fellrec | fedavg | fedprox | ditto | local | centralized
+  alpha: float = 0.7
+  beta: float = 1.0
+  temperature: float = 0.05
+  skip_warm_when_beta_is_1: bool = False  # reference quirk (a)
+  sequential_update: bool = False  # reference quirk (b)
+  server_layers: tuple[bool, ...] = ()  # per layer: held by the server
+  shared_server_adapters: bool = False  # one middle-layer adapter set, sample-weighted mean of the clients'
+
+
+def client_layers(tree, spec: AggregatorSpec):
+  """The adapters of the layers a client holds (leaves [C, L, ...] -> [C, L_client, ...])."""
+  keep = [i for i, server in enumerate(spec.server_layers) if not server]
+  return jax.tree.map(lambda x: x[:, jnp.asarray(keep)], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_examples, *, spec: AggregatorSpec):
+  """(mixed adapters, mixing matrix [C, C] to log, new heat state) of one round's aggregation."""
+  C = train_loss.shape[0]
+  fedavg = fedavg_matrix(num_examples)
+  kwargs = dict(alpha=spec.alpha, beta=spec.beta, temperature=spec.temperature)
+  if spec.name == "fellrec":
+    theta = flatten_clients(client_layers(adapters, spec) if spec.shared_server_adapters else adapters)
+    if spec.sequential_update:
+      matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=True, **kwargs)
+      mixed = unflatten_clients(
+          fellrec_reference_sequential(flatten_clients(adapters), train_loss, round_index, **kwargs), adapters)
+      w = heating.warm_weights(train_loss, round_index, **kwargs)
+      heat = heating.HeatState(heat.round + 1, jnp.where(spec.beta == 1, 1.0, w))
+    else:
+      matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1,
+                              **kwargs)
+      tx = heating.heated_server_step(skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1, **kwargs)
+      s = similarity(theta)
+      updates, heat = tx.update(pseudo_gradients(adapters, s), heat, adapters, losses=train_loss, similarity=s)
+      mixed = optax.apply_updates(adapters, updates)
+  elif spec.name in ("fedavg", "fedprox"):
+    matrix = fedavg
+    mixed = mix(adapters, matrix)
+  else:  # local, centralized; ditto averages its global models with fedavg_matrix itself
+    matrix = identity_matrix(C)
+    mixed = adapters
+  if spec.shared_server_adapters:
+    server = jnp.asarray(spec.server_layers)
+    averaged = mix(adapters, fedavg)
+    mixed = jax.tree.map(lambda m, a: jnp.where(server.reshape((1, -1) + (1,) * (m.ndim - 2)), a, m), mixed, averaged)
+  return mixed, matrix, heat

@@ -27,8 +27,8 @@ def partition_users(dataset: Dataset, method: str, num_clients: int, seed: int, 
   users = dataset.users
   if method not in METHODS:
     raise ValueError(f"unknown partition {method!r}; expected one of {METHODS}")
-  if num_clients < 1:
-    raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+  if num_clients < 1 and not (method == "per_user" and num_clients == 0):
+    raise ValueError(f"num_clients must be >= 1 (0 only with per_user), got {num_clients}")
   if num_clients > len(users):
     raise ValueError(f"{num_clients} clients but only {len(users)} users: every client needs a user")
   if method == "per_user":

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from fellrec_jax import aggregation, batching, checkpoint, evaluation, federated, heating, hf_interop
@@ -224,55 +223,19 @@ def server_layer_mask(model_cfg, k: int) -> np.ndarray:
   return (layers >= k) & (layers < model_cfg.num_layers - 1)
 
 
-def client_part(tree, server_layers: np.ndarray):
-  """The adapters a client holds (its layers only), for similarity and communication."""
-  keep = np.flatnonzero(~server_layers)
-  return jax.tree.map(lambda x: x[:, keep], tree)
+def aggregator_spec(run: Run) -> aggregation.AggregatorSpec:
+  f, fed = run.config.fellrec, run.config.fed
+  return aggregation.AggregatorSpec(
+      name=run.aggregator, alpha=f.alpha, beta=f.beta, temperature=f.temperature,
+      skip_warm_when_beta_is_1=f.skip_warm_when_beta_is_1, sequential_update=f.sequential_update,
+      server_layers=tuple(bool(x) for x in server_layer_mask(run.model_cfg, fed.split_k)),
+      shared_server_adapters=fed.server_adapters == "shared")
 
 
 def aggregate(run: Run, adapters, train_loss, heat: heating.HeatState, round_index: int):
   """(mixed adapters, mixing matrix [C, C] for the log, new heat state) for the configured aggregator."""
-  config, C = run.config, run.num_train_clients
-  server_layers = server_layer_mask(run.model_cfg, config.fed.split_k)
-  shared = config.fed.server_adapters == "shared"
-  weights = jnp.asarray(run.train_plan.num_examples, jnp.float32)
-  fedavg = aggregation.fedavg_matrix(weights)
-  if run.aggregator == "fellrec":
-    f = config.fellrec
-    theta = aggregation.flatten_clients(client_part(adapters, server_layers) if shared else adapters)
-    kwargs = dict(alpha=f.alpha, beta=f.beta, temperature=f.temperature)
-    if f.sequential_update:
-      matrix = aggregation.fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=True, **kwargs)
-      mixed = aggregation.unflatten_clients(
-          aggregation.fellrec_reference_sequential(
-              aggregation.flatten_clients(adapters), train_loss, round_index, **kwargs), adapters)
-      w = heating.warm_weights(train_loss, round_index, **kwargs)
-      heat = heating.HeatState(heat.round + 1, jnp.where(f.beta == 1, 1.0, w))
-    else:
-      matrix = aggregation.fellrec_matrix(theta, train_loss, round_index,
-                                          skip_warm_when_beta_is_1=f.skip_warm_when_beta_is_1, **kwargs)
-      mixed, heat = _heated(adapters, theta, train_loss, heat, f)
-  elif run.aggregator in ("fedavg", "fedprox"):
-    matrix = fedavg
-    mixed = aggregation.mix(adapters, matrix)
-  else:  # local, centralized; ditto mixes its global models separately
-    matrix = aggregation.identity_matrix(C)
-    mixed = adapters
-  if shared:
-    averaged = aggregation.mix(adapters, fedavg)
-    select = lambda m, a: jnp.where(server_layers.reshape((1, -1) + (1,) * (m.ndim - 2)), a, m)
-    mixed = jax.tree.map(select, mixed, averaged)
-  return mixed, matrix, heat
-
-
-def _heated(adapters, theta, train_loss, heat, f):
-  """FELLRec's update in its optax form: heated server step on the neighbour pseudo-gradients."""
-  tx = heating.heated_server_step(alpha=f.alpha, beta=f.beta, temperature=f.temperature,
-                                  skip_warm_when_beta_is_1=f.skip_warm_when_beta_is_1)
-  s = aggregation.similarity(theta)
-  updates, heat = tx.update(aggregation.pseudo_gradients(adapters, s), heat, adapters, losses=train_loss,
-                            similarity=s)
-  return optax.apply_updates(adapters, updates), heat
+  return aggregation.aggregate(adapters, train_loss, heat, jnp.int32(round_index),
+                               jnp.asarray(run.train_plan.num_examples, jnp.float32), spec=aggregator_spec(run))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,10 +265,25 @@ def eval_adapters(run: Run, adapters):
 
 
 def validation_losses(run: Run, adapters, valid) -> np.ndarray:
-  """[C] token-mean validation NLL of each client's adapters (nan for a client without validation data)."""
-  total, count = federated.validation_nll(run.base, eval_adapters(run, adapters), valid, run.data.prefix_ids,
-                                          run.data.prefix_loss_mask, lc=run.lc)
-  total, count = np.asarray(total, np.float64), np.asarray(count, np.float64)
+  """[C] token-mean validation NLL of each client's adapters (nan for a client without validation data).
+
+  Clients are validated `clients_per_chunk` at a time (the last chunk padded with masked copies), so that
+  memory stays bounded with thousands of clients.
+  """
+  adapters = eval_adapters(run, adapters)
+  C = run.num_clients
+  chunk = run.config.fed.clients_per_chunk if 0 < run.config.fed.clients_per_chunk < C else C
+  totals, counts = [], []
+  for start in range(0, C, chunk):
+    index = np.minimum(np.arange(start, start + chunk), C - 1)
+    real = np.arange(start, start + chunk) < C
+    part = jax.tree.map(lambda x: x[index], valid)
+    part = part._replace(step_mask=part.step_mask & real[:, None])
+    total, count = federated.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
+                                            run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
+    totals.append(np.asarray(total, np.float64)[real])
+    counts.append(np.asarray(count, np.float64)[real])
+  total, count = np.concatenate(totals), np.concatenate(counts)
   return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 

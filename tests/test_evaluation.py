@@ -44,7 +44,7 @@ def test_eval_json_has_the_documented_schema(evaluated_run):
   report = json.loads((evaluated_run / "eval.json").read_text())
   check_report(report, 3)
   check_report(report["baselines"]["popularity"], 3)
-  assert report["settings"]["mode"] == "grounding" and report["settings"]["test_cases"] == 12
+  assert report["settings"]["mode"] == "likelihood" and report["settings"]["test_cases"] == 12
   lines = (evaluated_run / "predictions.jsonl").read_text().splitlines()
   assert len(lines) == 12 and {"client", "user", "prediction", "ranked_item_ids"} <= json.loads(lines[0]).keys()
   for png in ("eval_clients.png", "rounds.png"):
