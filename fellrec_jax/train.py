@@ -464,8 +464,11 @@ def train(config, workdir) -> dict:
       f.write(json.dumps(record) + "\n")
     progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
                          val=f"{record['val_loss_weighted']:.3f}")
-    logger.info("round %d: weighted val loss %.4f, train losses %s, %.1f s", r, record["val_loss_weighted"],
-                [round(c["train_loss"], 3) for c in record["clients"]], record["seconds"])
+    losses = [c["train_loss"] for c in record["clients"]]
+    shown = [round(x, 3) for x in losses] if len(losses) <= 10 else (
+        f"{len(losses)} clients: min {min(losses):.3f}, mean {np.mean(losses):.3f}, max {max(losses):.3f}")
+    logger.info("round %d: weighted val loss %.4f, train losses %s, %.1f s", r, record["val_loss_weighted"], shown,
+                record["seconds"])
     done = bool(state.server.stopped) or r == last - 1
     if done or (r + 1) % config.checkpoint_every == 0:
       checkpoint.save(mngr, r + 1, checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
