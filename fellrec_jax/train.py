@@ -297,7 +297,7 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
   global_clients = state.global_clients
   if run.aggregator == "ditto":
     received = jax.tree.map(jnp.copy, global_clients.adapters)  # w^t, the anchor of the personal models
-    global_clients, global_metrics = train_clients(run, global_clients, batches, None, ctx)
+    global_clients, _ = train_clients(run, global_clients, batches, None, ctx)
     mixed_global = aggregation.mix(global_clients.adapters, aggregation.fedavg_matrix(run.train_plan.num_examples))
     global_clients = global_clients._replace(adapters=mixed_global)
     clients, metrics = train_clients(run, state.clients, batches, received, ctx)
@@ -309,14 +309,22 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
     adapters, matrix, heat = aggregate(run, clients.adapters, metrics.train_loss, server.heat, round_index)
   clients = clients._replace(adapters=adapters)
   val = validation_losses(run, adapters, valid)
+  weighted = weighted_val_loss(run, val)
   state, improved = update_best(run, TrainState(clients, global_clients, state.best_adapters, server), val,
-                                round_index, heat)
-  record = round_record(run, round_index, metrics, val, improved, matrix, heat, ctx.lr_scale, batches,
+                                weighted, round_index, heat)
+  record = round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, ctx.lr_scale, batches,
                         adapters, time.perf_counter() - start)
   return state, record
 
 
-def update_best(run: Run, state: TrainState, val: np.ndarray, round_index: int, heat):
+def weighted_val_loss(run: Run, val: np.ndarray) -> float:
+  """Clients' validation losses weighted by their validation examples (the reference's early-stop signal)."""
+  n_val = run.data.num_valid_examples.astype(np.float64)
+  has_val = ~np.isnan(val)
+  return float(np.sum(np.where(has_val, val, 0) * n_val) / max(n_val[has_val].sum(), 1))
+
+
+def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, round_index: int, heat):
   """Keep each client's best adapters (by its own validation loss) and track early stopping."""
   server = state.server
   best_val = np.asarray(server.best_val)
@@ -325,8 +333,6 @@ def update_best(run: Run, state: TrainState, val: np.ndarray, round_index: int, 
   adapters = eval_adapters(run, state.clients.adapters)
   pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
   best_adapters = jax.tree.map(pick, adapters, state.best_adapters)
-  n_val = run.data.num_valid_examples.astype(np.float64)
-  weighted = float(np.sum(np.where(has_val, val, 0) * n_val) / max(n_val[has_val].sum(), 1))
   better = weighted < float(server.best_weighted)
   stale = 0 if better else int(server.stale_rounds) + 1
   stopped = stale >= run.config.fed.patience and round_index > run.config.fed.min_rounds
@@ -364,7 +370,7 @@ def comm_bytes(run: Run, batches: federated.ClientBatches, metrics, adapters) ->
           "total": split + exchanged}
 
 
-def round_record(run, round_index, metrics, val, improved, matrix, heat, lr_scale, batches, adapters,
+def round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, lr_scale, batches, adapters,
                  seconds) -> dict:
   loss = np.asarray(metrics.train_loss, np.float64)
   steps = np.asarray(metrics.num_steps)
@@ -379,8 +385,6 @@ def round_record(run, round_index, metrics, val, improved, matrix, heat, lr_scal
         "warm_weight": float(warm[t]), "num_steps": int(steps[t]), "train_examples": int(n_train[t]),
         "valid_examples": int(n_valid[c]), "improved": bool(improved[c])})
   comm = comm_bytes(run, batches, metrics, adapters)
-  has_val = ~np.isnan(val)
-  weighted = float(np.sum(np.where(has_val, val, 0) * n_valid) / max(n_valid[has_val].sum(), 1))
   return {"round": round_index, "clients": clients, "aggregation": np.asarray(matrix).round(6).tolist(),
           "val_loss_weighted": weighted, "comm_bytes": comm["total"], "comm_detail": comm,
           "label_tokens": int(np.sum(np.asarray(metrics.label_tokens))), "seconds": round(seconds, 3)}
