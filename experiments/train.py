@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fellrec_jax import train  # noqa: E402
+from fellrec_jax import sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (configs/*.py[:smoke]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default runs/<config name>.")
@@ -24,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default runs/
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.enough_cpu_threads()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO through absl
   config_path = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or str(Path("runs") / Path(config_path.split(":")[0]).stem)

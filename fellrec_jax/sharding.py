@@ -8,6 +8,9 @@ sharding is trivial and the numbers are the same.
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -21,6 +24,18 @@ BASE_RULES = {
     "gate_proj": P(None, None, "model"), "up_proj": P(None, None, "model"),
     "o_proj": P(None, "model", None), "down_proj": P(None, "model", None),
 }
+
+
+def enough_cpu_threads() -> None:
+  """Gives XLA:CPU's runtime a thread per simulated device (call before the first JAX computation).
+
+  With `--xla_force_host_platform_device_count=N` and fewer than N cores, the runtime's pool (one thread
+  per core by default, overridable by the NPROC variable) can hold only some devices' parts of a program;
+  those wait in an all-reduce for the rest, which never start, and XLA aborts after 40 s.
+  """
+  match = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  if match and "NPROC" not in os.environ and int(match.group(1)) > (os.cpu_count() or 1):
+    os.environ["NPROC"] = match.group(1)
 
 
 def make_mesh(clients: int = 1, model: int = 1) -> Mesh:

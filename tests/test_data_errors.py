@@ -252,7 +252,7 @@ def test_more_clients_than_users(small_dataset):
 
 
 def test_num_clients_below_one(small_dataset):
-  with pytest.raises(ValueError, match="num_clients must be >= 1, got 0"):
+  with pytest.raises(ValueError, match=r"num_clients must be >= 1 \(0 only with per_user\), got 0"):
     partition.partition_users(small_dataset, "random", 0, seed=0)
 
 

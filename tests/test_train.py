@@ -132,7 +132,8 @@ MESH_SCRIPT = """
 import sys
 sys.path.insert(0, "tests")
 from test_train import smoke
-from fellrec_jax import train
+from fellrec_jax import sharding, train
+sharding.enough_cpu_threads()  # 3 devices on CI's 2 cores, as experiments/train.py does
 train.train(smoke(**{"mesh.clients": 3}), sys.argv[1])
 """
 
@@ -146,8 +147,9 @@ def test_client_mesh_equals_one_device(tmp_path):
   """3 CPU devices with the client-stacked state sharded over mesh.clients=3 give one device's numbers."""
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
-  subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "mesh")], check=True, env=env, cwd=ROOT,
-                 capture_output=True)
+  run = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "mesh")], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
   train.train(smoke(), tmp_path / "one")
   a, b = metrics(tmp_path / "one"), metrics(tmp_path / "mesh")
   assert len(a) == len(b) == 2
@@ -155,7 +157,9 @@ def test_client_mesh_equals_one_device(tmp_path):
     for ca, cb in zip(ra["clients"], rb["clients"]):
       np.testing.assert_allclose(ca["train_loss"], cb["train_loss"], rtol=1e-5)
       np.testing.assert_allclose(ca["val_loss"], cb["val_loss"], rtol=1e-5)
-    np.testing.assert_allclose(ra["aggregation"], rb["aggregation"], rtol=1e-5, atol=1e-6)
+    # The mixing weights are softmax(cosine / 0.05): the cosines' float32 sums over P, reduced in another
+    # order across 3 devices, move the weights by ~2e-5 (20x the cosine round-off).
+    np.testing.assert_allclose(ra["aggregation"], rb["aggregation"], rtol=0, atol=1e-4)
   for client_a, client_b in zip(best_adapters(tmp_path / "one"), best_adapters(tmp_path / "mesh"), strict=True):
     for key in client_a:
       np.testing.assert_allclose(client_a[key], client_b[key], rtol=1e-4, atol=1e-6, err_msg=key)
