@@ -211,11 +211,28 @@ def rope_tables(positions, cfg: LlamaConfig):
   return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
 
 
+@jax.custom_vjp
 def apply_rope(x_TxNxH, cos_TxH, sin_TxH):
-  """Rotary embedding (the half-split convention of Hugging Face Llama checkpoints)."""
+  """Rotary embedding (the half-split convention of Hugging Face Llama checkpoints).
+
+  Its VJP is the inverse rotation (sin -> -sin), one elementwise pass: the tables repeat their first
+  half in their second (rope_tables), so rotate_half commutes with them. Positions are not differentiated.
+  """
   half = x_TxNxH.shape[-1] // 2
   rotated = jnp.concatenate([-x_TxNxH[..., half:], x_TxNxH[..., :half]], axis=-1)
   return x_TxNxH * cos_TxH[..., None, :] + rotated * sin_TxH[..., None, :]
+
+
+def _apply_rope_fwd(x_TxNxH, cos_TxH, sin_TxH):
+  return apply_rope(x_TxNxH, cos_TxH, sin_TxH), (cos_TxH, sin_TxH)
+
+
+def _apply_rope_bwd(tables, g_TxNxH):
+  cos_TxH, sin_TxH = tables
+  return apply_rope(g_TxNxH, cos_TxH, -sin_TxH), None, None
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
 def project(x, layer: Params, adapters: Params, name: str, cfg: LlamaConfig, lcfg: lora_lib.LoraConfig, rng):
