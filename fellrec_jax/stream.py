@@ -18,7 +18,7 @@ back. The numbers are those of the per-client computation (model.py, split_learn
 split between client and server is executed as there, on the stream's activations.
 
 Budgets are static (they shape the compiled step); `budgets` computes them from a round's batches on the
-host, rounded up so that rounds rarely recompile.
+host, rounded up (to 1/16 of a power of two) so that rounds rarely recompile.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ import numpy as np
 
 from fellrec_jax import loss as loss_lib
 from fellrec_jax import model as model_lib
+
+
+CAUSAL_BLOCKS = 2
 
 
 class Budgets(NamedTuple):
@@ -59,10 +62,10 @@ class Layout(NamedTuple):
 
 
 def round_up(n: int) -> int:
-  """n rounded up to 1/8 of its power of two (at most 12.5% more): few distinct budgets, few compiles."""
-  if n <= 16:
+  """n rounded up to 1/16 of its power of two (at most 6.25% more): few distinct budgets, few compiles."""
+  if n <= 32:
     return max(n, 1)
-  step = 2 ** (math.floor(math.log2(n)) - 3)
+  step = 2 ** (math.floor(math.log2(n)) - 4)
   return -(-n // step) * step
 
 
@@ -166,11 +169,29 @@ def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg,
   inverse = jnp.concatenate([jnp.full(C * P, Ra * T, jnp.int32), lay.row_of_stream])
   to_rows = lambda t: _take(t, lay.row_slots.reshape(-1), inverse).reshape(Ra, T, *t.shape[1:])
   by_row = lambda t: jnp.einsum("rc,cp...->rp...", lay.row_clients.astype(t.dtype), prefix(t))
-  out_rows = model_lib.attend(to_rows(q), [(by_row(k), by_row(v), jnp.ones((Ra, T, P), bool), False),
-                                           (to_rows(k), to_rows(v), lay.row_mask, False)], H ** -0.5)
+  out_rows = _causal_row_attention(to_rows(q), by_row(k), by_row(v), to_rows(k), to_rows(v), lay.row_mask,
+                                   H ** -0.5)
   back = _take(out_rows.reshape(Ra * T, K, G, H), lay.row_of_stream, lay.row_slots.reshape(-1) - C * P)
   out = jnp.concatenate([out_prefix.reshape(C * P, K, G, H), back])
   return model_lib._finish_layer(x_SxD, out, layer, lora, cfg, lcfg, None)
+
+
+def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTxKxH, mask_RxTxT, scale,
+                          blocks: int = CAUSAL_BLOCKS):
+  """Rows attending to their prefix and causally to themselves, in `blocks` blocks of queries: block j
+  needs only the row's first (j+1)/blocks keys (the others are masked anyway), which skips a part of the
+  [T, T] scores that grows with the number of blocks."""
+  R, T = q_RxTxKxGxH.shape[:2]
+  P = kp_RxPxKxH.shape[1]
+  blocks = blocks if T % blocks == 0 else 1
+  size = T // blocks
+  outs = []
+  for j in range(blocks):
+    queries, keys = slice(j * size, (j + 1) * size), slice(0, (j + 1) * size)
+    outs.append(model_lib.attend(q_RxTxKxGxH[:, queries], [
+        (kp_RxPxKxH, vp_RxPxKxH, jnp.ones((R, size, P), bool), False),
+        (k_RxTxKxH[:, keys], v_RxTxKxH[:, keys], mask_RxTxT[:, queries, keys], False)], scale))
+  return jnp.concatenate(outs, axis=1)
 
 
 def run_layers(base, adapters, x_SxD, lay: Layout, start: int, stop: int, num_clients: int, cfg, lcfg,

@@ -91,7 +91,7 @@ def test_budgets_count_the_busiest_step_over_all_clients():
   step_mask[0, 1] = True
   assert stream.budgets(segments, step_mask) == stream.Budgets(32, 4)
   assert stream.budgets(segments, step_mask, accum_steps=2) == stream.Budgets(16, 2)  # rows 0-1 of step 1
-  assert [stream.round_up(n) for n in (1, 16, 17, 100, 1000, 1025)] == [1, 16, 18, 104, 1024, 1152]
+  assert [stream.round_up(n) for n in (1, 32, 33, 100, 1000, 1025)] == [1, 32, 34, 100, 1024, 1088]
 
 
 @pytest.mark.parametrize("accum,prox,fresh", [(1, 0.0, True), (2, 0.1, False)])
