@@ -347,38 +347,43 @@ def attend(q_RxTxKxGxH, blocks, scale: float):
   return out_RxKxQxH.reshape(R, K, G, T, H).transpose(0, 3, 1, 2, 4)
 
 
-def _attention_probs(q_RxKxQxH, k_RxKxHxS, mask_RxTxS, scale: float):
+def _attention_probs(q_RxKxQxH, k_RxKxHxS, mask_RxTxS):
   """Probabilities [R, K, Q, S] in the compute dtype (queries Q = (g, t): the mask broadcasts over g)."""
   dtype = q_RxKxQxH.dtype
   R, K, Q, _ = q_RxKxQxH.shape
   T, S = mask_RxTxS.shape[1:]
-  s = (jnp.matmul(q_RxKxQxH, k_RxKxHxS) * jnp.asarray(scale, dtype)).reshape(R, K, Q // T, T, S)
+  s = jnp.matmul(q_RxKxQxH, k_RxKxHxS).reshape(R, K, Q // T, T, S)
   s = jnp.where(mask_RxTxS[:, None, None], s, jnp.finfo(dtype).min)
   return jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(dtype).reshape(R, K, Q, S)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _softmax_attention(q_RxKxQxH, k_RxKxHxS, v_RxKxSxH, mask_RxTxS, scale: float):
-  """softmax(q k * scale, masked) v, with a VJP that reads the probabilities once."""
-  return jnp.matmul(_attention_probs(q_RxKxQxH, k_RxKxHxS, mask_RxTxS, scale), v_RxKxSxH)
+  """softmax(q k * scale, masked) v, with a VJP that reads the probabilities once.
+
+  The scale multiplies the queries ([Q, H]), not the scores ([Q, S]): XLA CPU materialises a score-sized
+  broadcast of a scalar factor of the scores, in the forward and in the backward pass.
+  """
+  return _softmax_attention_fwd(q_RxKxQxH, k_RxKxHxS, v_RxKxSxH, mask_RxTxS, scale)[0]
 
 
 def _softmax_attention_fwd(q_RxKxQxH, k_RxKxHxS, v_RxKxSxH, mask_RxTxS, scale):
-  probs = _attention_probs(q_RxKxQxH, k_RxKxHxS, mask_RxTxS, scale)
+  q_scaled = q_RxKxQxH * jnp.asarray(scale, q_RxKxQxH.dtype)
+  probs = _attention_probs(q_scaled, k_RxKxHxS, mask_RxTxS)
   out = jnp.matmul(probs, v_RxKxSxH)
-  return out, (q_RxKxQxH, k_RxKxHxS, v_RxKxSxH, probs, out)
+  return out, (q_scaled, k_RxKxHxS, v_RxKxSxH, probs, out)
 
 
 def _softmax_attention_bwd(scale, residuals, g_RxKxQxH):
   # The softmax backward needs rowsum(P * dP) = rowsum(g * out) (out = P v): a sum over H, not over S.
   # Masked entries have P = 0, so their score gradient is 0 as in the plain VJP.
-  q, k, v, probs, out = jax.lax.optimization_barrier(residuals)  # else XLA CPU recomputes out inside a fusion
-  dtype = q.dtype
+  q_scaled, k, v, probs, out = jax.lax.optimization_barrier(residuals)  # else XLA CPU recomputes out
+  dtype = q_scaled.dtype
   d_probs = jnp.matmul(g_RxKxQxH, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
   row = jnp.sum(g_RxKxQxH.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(dtype) * jnp.asarray(scale, dtype)
-  dq = jnp.matmul(d_scores, jnp.swapaxes(k, -1, -2))
-  dk = jnp.matmul(jnp.swapaxes(q, -1, -2), d_scores)
+  d_scores = (probs.astype(jnp.float32) * (d_probs - row)).astype(dtype)
+  dq = jnp.matmul(d_scores, jnp.swapaxes(k, -1, -2)) * jnp.asarray(scale, dtype)
+  dk = jnp.matmul(jnp.swapaxes(q_scaled, -1, -2), d_scores)
   dv = jnp.matmul(jnp.swapaxes(probs, -1, -2), g_RxKxQxH)
   return dq, dk, dv, None
 
