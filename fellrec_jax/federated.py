@@ -27,7 +27,7 @@ import numpy as np
 
 from fellrec_jax import model as model_lib
 from fellrec_jax import optimizer as optimizer_lib
-from fellrec_jax import split_learning
+from fellrec_jax import split_learning, stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +99,14 @@ def init_client_states(adapters, lc: LocalConfig, rng) -> ClientStates:
 # One optimizer step
 
 
-def _micro_batches(batch, accum_steps: int):
-  rows = batch[0].shape[0]
+def _micro_batches(batch, accum_steps: int, axis: int = 0):
+  """[.., R, T] arrays (rows on `axis`) as [accum_steps, .., R / accum_steps, T]."""
+  rows = batch[0].shape[axis]
   if rows % accum_steps:
     raise ValueError(f"rows per step ({rows}) must be a multiple of accum_steps ({accum_steps})")
-  return tuple(x.reshape(accum_steps, rows // accum_steps, *x.shape[1:]) for x in batch)
+  split = lambda x: jnp.moveaxis(x.reshape(*x.shape[:axis], accum_steps, rows // accum_steps, *x.shape[axis + 1:]),
+                                 axis, 0)
+  return tuple(split(x) for x in batch)
 
 
 def step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc: LocalConfig, rng):
@@ -139,6 +142,13 @@ def train_step(base, adapters, opt_state, count, batch, real, prefix_tokens, pre
   step_rng = jax.random.fold_in(rng, count) if lc.split.lora.dropout > 0 else None
   total, labels, grads = step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc,
                                              step_rng)
+  return apply_step(adapters, opt_state, count, total, labels, grads, real, anchor, warmup_steps, total_steps,
+                    lr_scale, lc)
+
+
+def apply_step(adapters, opt_state, count, total, labels, grads, real, anchor, warmup_steps, total_steps,
+               lr_scale, lc: LocalConfig) -> StepOutput:
+  """The update of one client's optimizer step from its (NLL sum, label count, gradient sum)."""
   grads = jax.tree.map(lambda g: g / jnp.maximum(labels, 1.0), grads)
   if lc.prox_mu:
     grads = jax.tree.map(lambda g, p, a: g + lc.prox_mu * (p - a), grads, adapters, anchor)
@@ -149,6 +159,25 @@ def train_step(base, adapters, opt_state, count, batch, real, prefix_tokens, pre
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(real, n, o), new, old)
   return StepOutput(keep(new_adapters, adapters), keep(new_opt_state, opt_state), count + real.astype(jnp.int32),
                     jnp.where(real, total / jnp.maximum(labels, 1.0), 0.0), jnp.where(real, labels, 0.0))
+
+
+def streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
+                  warmup_steps, total_steps, lr_scale, lc: LocalConfig, budget: stream.Budgets) -> StepOutput:
+  """`train_step` of every client at once ([C, ...] arguments, no dropout): the loss and gradients of all
+  clients' tokens as one stream (stream.py), then each client's update."""
+  micro = _micro_batches(batch, lc.accum_steps, axis=1)
+
+  def accumulate(carry, xs):
+    total, labels, grads = carry
+    t, c, g = stream.loss_and_grads(base, adapters, xs, real, prefix_tokens, prefix_loss_mask, lc.split, budget)
+    return (total + t, labels + c, jax.tree.map(jnp.add, grads, g)), None
+
+  C = real.shape[0]
+  init = (jnp.zeros(C, jnp.float32), jnp.zeros(C, jnp.float32), jax.tree.map(jnp.zeros_like, adapters))
+  (total, labels, grads), _ = jax.lax.scan(accumulate, init, micro)
+  update = functools.partial(apply_step, lc=lc)
+  return jax.vmap(update, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0))(
+      adapters, opt_state, count, total, labels, grads, real, anchors, warmup_steps, total_steps, lr_scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +234,9 @@ def _scatter(tree, index, values):
 
 
 def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first, last, prefix_tokens,
-                 prefix_loss_mask, anchors, ctx: RoundContext, lc: LocalConfig):
+                 prefix_loss_mask, anchors, ctx: RoundContext, lc: LocalConfig,
+                 budget: stream.Budgets | None = None):
+  """The lanes round; with a `budget`, each wave's steps run as one stream (`streamed_step`)."""
   num_clients = states.rng.shape[0]
   tx = optimizer_lib.transform(lc.optimizer)
   keys = jax.vmap(jax.random.split)(states.rng)
@@ -226,8 +257,13 @@ def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first
     loaded_opt = jax.vmap(tx.init)(lane_adapters) if opt_state is None else _gather(opt_state, c)
     lane_opt = where_first(loaded_opt, lane_opt)
     lane_count = jnp.where(is_first, 0, lane_count)
-    out = step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens, prefix_loss_mask,
-               _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c], round_rng[c])
+    if budget is None:
+      out = step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens, prefix_loss_mask,
+                 _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c], round_rng[c])
+    else:
+      out = streamed_step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens,
+                          prefix_loss_mask, _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c],
+                          lc, budget)
     owner = jnp.where(active, c, num_clients)
     sums = tuple(s.at[owner].add(v, mode="drop") for s, v in zip(sums, (out.loss, out.labels)))
     store = jnp.where(active & is_last, c, num_clients)
@@ -281,9 +317,43 @@ def _vmapped_round(base, states: ClientStates, batches: ClientBatches, prefix_to
   return ClientStates(adapters, opt_state, rng), metrics
 
 
+def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
+                    ctx: RoundContext, lc: LocalConfig, budget: stream.Budgets):
+  """`_vmapped_round` (no dropout) with each step of all clients run as one stream (`streamed_step`)."""
+  num_clients = states.rng.shape[0]
+  opt_state = states.opt_state
+  if lc.optimizer.fresh_each_round:
+    opt_state = jax.vmap(optimizer_lib.transform(lc.optimizer).init)(states.adapters)
+  next_rng = jax.vmap(jax.random.split)(states.rng)[:, 0]
+  total_steps = jnp.sum(batches.step_mask.astype(jnp.int32), axis=1)
+
+  def body(carry, xs):
+    adapters, opt_state, count = carry
+    batch, real = xs
+    out = streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
+                        ctx.warmup_steps, total_steps, ctx.lr_scale, lc, budget)
+    return (out.adapters, out.opt_state, out.count), (out.loss, out.labels)
+
+  by_step = lambda x: jnp.swapaxes(x, 0, 1)
+  xs = (tuple(by_step(x) for x in batches[:4]), by_step(batches.step_mask))
+  init = (states.adapters, opt_state, jnp.zeros(num_clients, jnp.int32))
+  (adapters, opt_state, steps), (losses, labels) = jax.lax.scan(body, init, xs)
+  metrics = ClientMetrics(jnp.sum(losses, axis=0) / jnp.maximum(steps, 1), steps, jnp.sum(labels, axis=0))
+  return ClientStates(adapters, None if lc.optimizer.fresh_each_round else opt_state, next_rng), metrics
+
+
 # Client states are donated: their buffers are reused for the new states.
 _vmapped_round_jit = jax.jit(_vmapped_round, static_argnames=("lc",), donate_argnums=(1,))
-_lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc",), donate_argnums=(1,))
+_streamed_round_jit = jax.jit(_streamed_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
+_lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
+
+
+def streams(lc: LocalConfig, states: ClientStates) -> bool:
+  """Whether a round runs its steps as streams of all clients' tokens (stream.py), the fast path: not with
+  LoRA dropout (its masks are drawn per client), nor with client state sharded over several devices."""
+  leaf = jax.tree.leaves(states.adapters)[0]
+  sharding = getattr(leaf, "sharding", None)
+  return lc.split.lora.dropout == 0.0 and (sharding is None or len(sharding.device_set) == 1)
 
 
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
@@ -293,14 +363,20 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   Returns the new ClientStates (the given ones are donated) and ClientMetrics.
   """
   num_clients = states.rng.shape[0]
+  streamed = streams(lc, states)
   if schedule is None and (lanes <= 0 or lanes >= num_clients):
-    return _vmapped_round_jit(base, states, ClientBatches(*batches[:5]), prefix_tokens, prefix_loss_mask,
-                              anchors, ctx, lc=lc)
+    batches = ClientBatches(*batches[:5])
+    if streamed:
+      budget = stream.budgets(batches.segment_ids, batches.step_mask, lc.accum_steps)
+      return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
+                                 budget=budget)
+    return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
+  budget = stream.budgets(waves.segment_ids, waves.step_mask, lc.accum_steps) if streamed else None
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
-                          prefix_loss_mask, anchors, ctx, lc=lc)
+                          prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
 
 
 def sequential_local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,

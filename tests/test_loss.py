@@ -92,3 +92,37 @@ def test_packing_order_does_not_matter(setup):
                                                         [[4], [3, 1], [0, 2], []], 24, True))
   np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
   assert float(a[1]) == float(b[1])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_fused_head_and_cross_entropy_equal_the_plain_ones(tied, chunk):
+  """weighted_nll (logits per chunk, gradient formed in the forward pass) = sum(weights * token_nll), in value
+  and in gradients with respect to the hidden states, the head (pretraining differentiates it) and the weights."""
+  cfg = model.LlamaConfig(vocab_size=41, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                          num_kv_heads=1, head_dim=8, tie_word_embeddings=tied, initializer_range=0.3)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  rs = np.random.RandomState(1)
+  h = jnp.asarray(rs.randn(23, 16), jnp.float32)
+  targets = jnp.asarray(rs.randint(0, 41, 23))
+  weights = jnp.asarray(rs.randint(0, 3, 23), jnp.float32)
+  plain = lambda p, h, w: jnp.sum(w * loss_lib.token_nll(p, h, targets, cfg))
+  fused = lambda p, h, w: loss_lib.weighted_nll(p, h, targets, w, cfg, chunk)
+  np.testing.assert_allclose(fused(params, h, weights), plain(params, h, weights), rtol=1e-6)
+  got = jax.grad(fused, argnums=(0, 1, 2))(params, h, weights)
+  want = jax.grad(plain, argnums=(0, 1, 2))(params, h, weights)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_fused_per_token_nll_takes_any_cotangent():
+  cfg = model.LlamaConfig(vocab_size=41, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                          num_kv_heads=1, head_dim=8, initializer_range=0.3)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  rs = np.random.RandomState(2)
+  h, targets = jnp.asarray(rs.randn(11, 16), jnp.float32), jnp.asarray(rs.randint(0, 41, 11))
+  weights, coef = jnp.asarray(rs.rand(11), jnp.float32), jnp.asarray(rs.randn(11), jnp.float32)
+  plain = lambda p, h: jnp.sum(coef * weights * loss_lib.token_nll(p, h, targets, cfg))
+  fused = lambda p, h: jnp.sum(coef * loss_lib.weighted_token_nll(p, h, targets, weights, cfg, 4))
+  for a, b in zip(jax.tree.leaves(jax.grad(fused, (0, 1))(params, h)), jax.tree.leaves(jax.grad(plain, (0, 1))(params, h))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))

@@ -1,0 +1,273 @@
+"""All clients' tokens of one step as one stream: the engine's fast path for a step of every client.
+
+Per client and step the data holds rows [R, T] (docs/data.md), of which only part are tokens: padding
+fills the rest, and the static R is the worst step of the run (a Games step of 8 examples fills 60% of
+its slots). Here the real tokens of all C clients are gathered into one stream of static length, behind
+each client's copy of the shared prompt prefix:
+
+  stream = [prefix of client 0 | ... | prefix of client C-1 | the row tokens of all clients, in order]
+           (C * P positions)                                     (N positions: a budget >= the most tokens
+                                                                   any step of the round has)
+
+Every token-wise computation (projections, MLP, norms, head and loss) runs once over the stream: one
+matmul over all clients' tokens, no padding (PERFORMANCE.md, levers 2-3). LoRA stays per client: each
+layer's adapters of all clients side by side ([D, C*r] and [C*r, O]), the token's own client's columns
+selected by a mask. Attention keeps the data's rows: the non-empty rows of all clients (a budget Ra of
+them) are gathered from the stream, each with its client's prefix keys/values, and their outputs read
+back. The numbers are those of the per-client computation (model.py, split_learning.py), rearranged; the
+split between client and server is executed as there, on the stream's activations.
+
+Budgets are static (they shape the compiled step); `budgets` computes them from a round's batches on the
+host, rounded up (to 1/16 of a power of two) so that rounds rarely recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fellrec_jax import loss as loss_lib
+from fellrec_jax import model as model_lib
+
+
+CAUSAL_BLOCKS = 2
+
+
+class Budgets(NamedTuple):
+  """Static sizes of one micro-batch of all clients: row tokens in the stream, non-empty rows."""
+
+  tokens: int
+  rows: int
+
+
+class Layout(NamedTuple):
+  """Where every token of one step goes: the stream, the rows of attention, the loss (jit-built)."""
+
+  tokens: jax.Array  # [S] int32 stream token ids (S = C*P + N)
+  positions: jax.Array  # [S] int32 rotary positions
+  columns: jax.Array  # [S, C] bool: the token's client (selects its LoRA columns)
+  row_slots: jax.Array  # [Ra, T] int32: the stream index of each slot of each attention row (S: none)
+  row_of_stream: jax.Array  # [N] int32: each row token's flat slot in [Ra * T]
+  row_clients: jax.Array  # [Ra, C] float: the row's client, one-hot (gathers its prefix keys/values)
+  row_mask: jax.Array  # [Ra, T, T] bool: same segment and causal
+  starts: jax.Array  # [N] bool: the token is the first of its example
+  weights: jax.Array  # [N] float32: its loss mask (0 on the budget's unused positions)
+  token_clients: jax.Array  # [N, C] float: the row token's client, one-hot
+  num_examples: jax.Array  # [C] float32: examples of each client in this step
+
+
+def round_up(n: int) -> int:
+  """n rounded up to 1/16 of its power of two (at most 6.25% more): few distinct budgets, few compiles."""
+  if n <= 32:
+    return max(n, 1)
+  step = 2 ** (math.floor(math.log2(n)) - 4)
+  return -(-n // step) * step
+
+
+def budgets(segment_ids, step_mask, accum_steps: int = 1) -> Budgets:
+  """Budgets for batches [C, S, R, T] (or waves [W, V, R, T]): the most tokens and non-empty rows that
+  any step's micro-batch has over all its clients, rounded up (host-side, numpy)."""
+  seg = np.asarray(segment_ids)
+  valid = (seg > 0) & np.asarray(step_mask)[..., None, None]
+  C, S, R, T = valid.shape
+  valid = valid.reshape(C, S, accum_steps, R // accum_steps, T)
+  tokens = valid.sum(axis=(0, 3, 4)).max()
+  rows = valid.any(axis=-1).sum(axis=(0, 3)).max()
+  return Budgets(round_up(int(tokens)), round_up(int(rows)))
+
+
+def layout(tokens, positions, segment_ids, loss_mask, real, prefix_tokens, budget: Budgets) -> Layout:
+  """The stream layout of one micro-batch of rows [C, R, T] of all clients (`real` [C]: the step holds data)."""
+  C, R, T = tokens.shape
+  P, N, Ra = prefix_tokens.shape[0], budget.tokens, budget.rows
+  valid = (segment_ids > 0) & real[:, None, None]
+  # Row tokens in row order (so an example's tokens are consecutive), then unused budget positions.
+  slot = jnp.nonzero(valid.reshape(-1), size=N, fill_value=C * R * T)[0]
+  used = slot < C * R * T
+  slot = jnp.where(used, slot, 0)
+  client = slot // (R * T)
+  rows = jnp.nonzero(valid.any(-1).reshape(-1), size=Ra, fill_value=C * R)[0]
+  row_used = rows < C * R
+  rank = jnp.zeros(C * R, jnp.int32).at[rows].set(jnp.arange(Ra, dtype=jnp.int32), mode="drop")
+  rows = jnp.where(row_used, rows, 0)
+  row_of_stream = jnp.where(used, rank[slot // T] * T + slot % T, Ra * T)
+  stream_of_slot = jnp.full(C * R * T, C * P + N, jnp.int32).at[jnp.where(used, slot, C * R * T)].set(
+      C * P + jnp.arange(N, dtype=jnp.int32), mode="drop")
+  row_slots = jnp.where(row_used[:, None], stream_of_slot.reshape(C * R, T)[rows], C * P + N)
+  seg_rows = jnp.where(row_used[:, None], (segment_ids * valid).reshape(C * R, T)[rows], 0)
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  row_mask = (seg_rows[:, :, None] == seg_rows[:, None, :]) & (seg_rows[:, None, :] > 0) & causal
+  flat = lambda x: x.reshape(-1)[slot]
+  starts = (flat(positions) == P) & used
+  token_clients = jax.nn.one_hot(client, C, dtype=jnp.float32) * used[:, None]
+  clients_of_stream = jnp.concatenate([jnp.repeat(jnp.arange(C), P), client])
+  return Layout(
+      tokens=jnp.concatenate([jnp.tile(prefix_tokens, C), flat(tokens)]),
+      positions=jnp.concatenate([jnp.tile(jnp.arange(P, dtype=jnp.int32), C), flat(positions)]),
+      columns=jax.nn.one_hot(clients_of_stream, C, dtype=bool),
+      row_slots=row_slots, row_of_stream=row_of_stream,
+      row_clients=jax.nn.one_hot(rows // R, C, dtype=jnp.float32) * row_used[:, None],
+      row_mask=row_mask, starts=starts, weights=jnp.where(used, flat(loss_mask), 0.0).astype(jnp.float32),
+      token_clients=token_clients, num_examples=jnp.sum(token_clients * starts[:, None], axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Moving values between the stream and the rows: partial permutations, whose VJPs are gathers too
+
+
+@jax.custom_vjp
+def _take(x_NxF, index_M, inverse_N):
+  """x[index] (index N: a zero row). `inverse` gives, for each row of x, its position in the result (M:
+  none), so that the VJP is a gather rather than a scatter-add (each row of x is taken at most once)."""
+  return jnp.concatenate([x_NxF, jnp.zeros((1, *x_NxF.shape[1:]), x_NxF.dtype)])[index_M]
+
+
+def _take_fwd(x_NxF, index_M, inverse_N):
+  return _take(x_NxF, index_M, inverse_N), (index_M, inverse_N)
+
+
+def _take_bwd(residuals, g_MxF):
+  index_M, inverse_N = residuals
+  return _take(g_MxF, inverse_N, index_M), None, None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model over the stream
+
+
+def _stream_adapters(adapters, columns, lcfg):
+  """One layer's adapters of all clients [C, ...] as model.StreamLora per target projection."""
+  out = {}
+  for name, ab in adapters.items():
+    a, b = ab["a"], ab["b"]  # [C, D, r], [C, r, O]
+    C, D, r = a.shape
+    out[name] = model_lib.StreamLora(a.transpose(1, 0, 2).reshape(D, C * r), b.reshape(C * r, b.shape[-1]),
+                                     columns)  # columns: [S, C] bool
+  return out
+
+
+def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg, lcfg):
+  """One decoder layer over the stream: prefixes attend causally to themselves, rows to their client's
+  prefix and to their own segment."""
+  C, P = num_clients, (lay.tokens.shape[0] - lay.row_of_stream.shape[0]) // num_clients
+  Ra, T = lay.row_slots.shape
+  K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+  lora = _stream_adapters(adapters, lay.columns, lcfg)
+  h = model_lib.rms_norm(x_SxD, layer["input_norm"], cfg.rms_norm_eps)
+  q, k, v = model_lib._qkv(h, layer, lora, cos, sin, cfg, lcfg, None)  # [S, K, G, H], [S, K, H] x2
+  prefix = lambda t: t[:C * P].reshape(C, P, *t.shape[1:])
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((P, P), bool)), (C, P, P))
+  out_prefix = model_lib.attend(prefix(q), [(prefix(k), prefix(v), causal, False)], H ** -0.5)
+  inverse = jnp.concatenate([jnp.full(C * P, Ra * T, jnp.int32), lay.row_of_stream])
+  to_rows = lambda t: _take(t, lay.row_slots.reshape(-1), inverse).reshape(Ra, T, *t.shape[1:])
+  by_row = lambda t: jnp.einsum("rc,cp...->rp...", lay.row_clients.astype(t.dtype), prefix(t))
+  out_rows = _causal_row_attention(to_rows(q), by_row(k), by_row(v), to_rows(k), to_rows(v), lay.row_mask,
+                                   H ** -0.5)
+  back = _take(out_rows.reshape(Ra * T, K, G, H), lay.row_of_stream, lay.row_slots.reshape(-1) - C * P)
+  out = jnp.concatenate([out_prefix.reshape(C * P, K, G, H), back])
+  return model_lib._finish_layer(x_SxD, out, layer, lora, cfg, lcfg, None)
+
+
+def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTxKxH, mask_RxTxT, scale,
+                          blocks: int = CAUSAL_BLOCKS):
+  """Rows attending to their prefix and causally to themselves, in `blocks` blocks of queries: block j
+  needs only the row's first (j+1)/blocks keys (the others are masked anyway), which skips a part of the
+  [T, T] scores that grows with the number of blocks."""
+  R, T = q_RxTxKxGxH.shape[:2]
+  P = kp_RxPxKxH.shape[1]
+  blocks = blocks if T % blocks == 0 else 1
+  size = T // blocks
+  outs = []
+  for j in range(blocks):
+    queries, keys = slice(j * size, (j + 1) * size), slice(0, (j + 1) * size)
+    outs.append(model_lib.attend(q_RxTxKxGxH[:, queries], [
+        (kp_RxPxKxH, vp_RxPxKxH, jnp.ones((R, size, P), bool), False),
+        (k_RxTxKxH[:, keys], v_RxTxKxH[:, keys], mask_RxTxT[:, queries, keys], False)], scale))
+  return jnp.concatenate(outs, axis=1)
+
+
+def run_layers(base, adapters, x_SxD, lay: Layout, start: int, stop: int, num_clients: int, cfg, lcfg,
+               remat: bool = False):
+  """Decoder layers [start, stop) over the stream; adapters [C, L, ...] (unrolled as model.run_layers)."""
+  cos, sin = model_lib.rope_tables(lay.positions, cfg)
+
+  def body(x, xs):
+    layer, layer_adapters = xs
+    return _layer(x, layer, layer_adapters, lay, cos, sin, num_clients, cfg, lcfg), None
+
+  if remat:
+    body = jax.checkpoint(body)
+  per_layer = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters)  # [L, C, ...]
+  if stop - start <= model_lib.UNROLL_LAYERS:
+    for index in range(start, stop):
+      take = lambda tree: jax.tree.map(lambda t: t[index], tree)
+      x_SxD, _ = body(x_SxD, (take(base["layers"]), take(per_layer)))
+    return x_SxD
+  xs = (model_lib.slice_layers(base["layers"], start, stop), model_lib.slice_layers(per_layer, start, stop))
+  return jax.lax.scan(body, x_SxD, xs)[0]
+
+
+def stream_nll(base, h_SxD, lay: Layout, prefix_tokens, prefix_loss_mask, num_clients: int, cfg,
+               chunk: int = 0):
+  """Per client (sum of label-token NLLs [C], label-token count [C]) from final hidden states (as
+  loss.packed_nll, client by client)."""
+  C, P, D = num_clients, prefix_tokens.shape[0], h_SxD.shape[-1]
+  rows = h_SxD[C * P:]
+  previous = jnp.concatenate([jnp.zeros((1, D), rows.dtype), rows[:-1]])
+  if P:
+    last = h_SxD[:C * P].reshape(C, P, D)[:, -1]
+    previous = jnp.where(lay.starts[:, None], lay.token_clients.astype(rows.dtype) @ last, previous)
+  hidden, targets, weights = previous, lay.tokens[C * P:], lay.weights
+  counts = lay.weights @ lay.token_clients
+  if P > 1:
+    prefix_weights = lay.num_examples[:, None] * prefix_loss_mask[1:].astype(jnp.float32)[None]  # [C, P-1]
+    hidden = jnp.concatenate([hidden, h_SxD[:C * P].reshape(C, P, D)[:, :-1].reshape(-1, D)])
+    targets = jnp.concatenate([targets, jnp.tile(prefix_tokens[1:], C)])
+    weights = jnp.concatenate([weights, prefix_weights.reshape(-1)])
+    counts = counts + jnp.sum(prefix_weights, axis=1)
+  nll = loss_lib.weighted_token_nll(base, hidden, targets, weights, cfg, chunk)
+  N = lay.weights.shape[0]
+  totals = nll[:N] @ lay.token_clients
+  if P > 1:
+    totals = totals + jnp.sum(nll[N:].reshape(C, P - 1), axis=1)
+  return totals, counts
+
+
+def loss_and_grads(base, adapters, batch, real, prefix_tokens, prefix_loss_mask, sc, budget: Budgets):
+  """Per client (NLL sum [C], label count [C], adapter gradients [C, ...]) of one micro-batch of every
+  client, through the explicit client/server split (as split_learning.loss_and_grads, all clients at once).
+
+  batch: (tokens, positions, segment_ids, loss_mask), each [C, R, T]; real: [C] bool.
+  """
+  cfg, lcfg, k, L = sc.model, sc.lora, sc.split_k, sc.model.num_layers
+  C = real.shape[0]
+  lay = layout(*batch, real, prefix_tokens, budget)
+
+  def client_front(a):
+    x = base["embed"][lay.tokens].astype(cfg.compute_dtype)
+    return run_layers(base, a, x, lay, 0, k, C, cfg, lcfg, sc.remat)
+
+  def server_middle(a, h_k):
+    return run_layers(base, a, h_k, lay, k, L - 1, C, cfg, lcfg, sc.remat)
+
+  def client_back(a, h_last):
+    h = run_layers(base, a, h_last, lay, L - 1, L, C, cfg, lcfg, sc.remat)
+    h = model_lib.rms_norm(h, base["norm"], cfg.rms_norm_eps)
+    return stream_nll(base, h, lay, prefix_tokens, prefix_loss_mask, C, cfg, sc.loss_chunk)
+
+  h_k, front_vjp = jax.vjp(client_front, adapters)  # clients -> server: h_k
+  h_last, middle_vjp = jax.vjp(server_middle, adapters, h_k)  # server -> clients: h_{L-1}
+  (totals, counts), back_vjp = jax.vjp(client_back, adapters, h_last)
+  g_back, dh_last = back_vjp((jnp.ones_like(totals), jnp.zeros_like(counts)))  # clients -> server
+  g_middle, dh_k = middle_vjp(dh_last)  # server -> clients: dL/dh_k
+  (g_front,) = front_vjp(dh_k)
+  grads = jax.tree.map(lambda *gs: gs[0] + gs[1] + gs[2], g_front, g_middle, g_back)
+  return totals, counts, grads

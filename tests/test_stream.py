@@ -1,0 +1,113 @@
+"""All clients' tokens as one stream (stream.py) give each client's numbers of the per-client computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fellrec_jax import federated, lora, model, optimizer, split_learning, stream
+
+CFG = model.LlamaConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=8, initializer_range=0.1)
+R, T = 4, 16
+
+
+def pack(steps, P, num_steps, rs):
+  """[S, R, T] rows: each step's example lengths packed first-fit; masked steps full of garbage."""
+  shape = (num_steps, R, T)
+  tokens, positions, segments = (np.zeros(shape, np.int32) for _ in range(3))
+  loss_mask = np.zeros(shape, np.float32)
+  for s in range(num_steps):
+    if s >= len(steps):  # garbage that a masked step must ignore
+      tokens[s], segments[s], loss_mask[s] = rs.randint(3, CFG.vocab_size, (R, T)), 1, 1.0
+      continue
+    fill, count = [0] * R, [0] * R
+    for n in steps[s]:
+      r = next(r for r in range(R) if fill[r] + n <= T)
+      span = slice(fill[r], fill[r] + n)
+      count[r] += 1
+      tokens[s, r, span] = rs.randint(3, CFG.vocab_size, n)
+      positions[s, r, span] = P + np.arange(n)
+      segments[s, r, span] = count[r]
+      loss_mask[s, r, span] = (np.arange(n) >= (0 if P else 1)) * rs.randint(0, 2, n).clip(0, 1) + (np.arange(n) > n // 2)
+      fill[r] += n
+  return federated.ClientBatches(tokens, positions, segments, np.minimum(loss_mask, 1.0),
+                                 np.arange(num_steps) < len(steps))
+
+
+def client_batches(P, seed=0):
+  """Four clients, one or two steps: rows with up to three segments, a client without data."""
+  rs = np.random.RandomState(seed)
+  plans = [[[5, 4, 6], [3, 7]], [[9, 2, 3, 4, 7]], [], [[16], [2]]]
+  return jax.tree.map(lambda *xs: np.stack(xs), *[pack(p, P, 2, rs) for p in plans])
+
+
+def adapters_of(num_clients, lcfg, seed=1):
+  one = lora.init_adapters(CFG, lcfg, jax.random.PRNGKey(seed))
+  return jax.tree.map(lambda x: jnp.stack([x + 0.05 * (c + 1) * jax.random.normal(jax.random.PRNGKey(seed + c), x.shape)
+                                           for c in range(num_clients)]), one)
+
+
+@pytest.mark.parametrize("P,k,targets", [(6, 1, ("q_proj", "v_proj")), (0, 0, ("q_proj", "o_proj", "up_proj")),
+                                         (1, 2, ("k_proj", "down_proj")), (6, 2, ("v_proj", "gate_proj"))])
+def test_stream_equals_each_client_through_the_split(P, k, targets):
+  """Prefix lengths 0, 1 and 6; every projection as a LoRA target; split points 0..L-1."""
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets)
+  sc = split_learning.SplitConfig(CFG, lcfg, k)
+  base = model.init_params(CFG, jax.random.PRNGKey(0))
+  rs = np.random.RandomState(3)
+  prefix = jnp.asarray(rs.randint(3, CFG.vocab_size, P), jnp.int32)
+  prefix_mask = jnp.asarray(np.r_[0.0, rs.randint(0, 2, max(P - 1, 0))][:P], jnp.float32)
+  batches = client_batches(P)
+  adapters = adapters_of(4, lcfg)
+  budget = stream.budgets(batches.segment_ids, batches.step_mask)
+  one_client = jax.jit(lambda a, inputs, loss_mask: split_learning.loss_and_grads(base, a, inputs, loss_mask,
+                                                                                   prefix_mask, sc))
+  for s in range(2):
+    step = jax.tree.map(lambda x: jnp.asarray(x[:, s]), batches)
+    totals, counts, grads = jax.jit(lambda a, b, real: stream.loss_and_grads(
+        base, a, b, real, prefix, prefix_mask, sc, budget))(adapters, tuple(step[:4]), step.step_mask)
+    for c in range(4):
+      if not bool(step.step_mask[c]):
+        assert float(totals[c]) == 0.0 and float(counts[c]) == 0.0
+        assert all(float(jnp.abs(g[c]).max()) == 0.0 for g in jax.tree.leaves(grads))
+        continue
+      inputs = model.Inputs(step.tokens[c], step.positions[c], step.segment_ids[c], prefix)
+      total, count, g = one_client(jax.tree.map(lambda x: x[c], adapters), inputs, step.loss_mask[c])
+      assert float(counts[c]) == float(count)
+      np.testing.assert_allclose(totals[c], total, rtol=1e-5)
+      for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(g)):
+        np.testing.assert_allclose(got[c], want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_budgets_count_the_busiest_step_over_all_clients():
+  segments = np.zeros((2, 3, 4, 8), np.int32)  # [C, S, R, T]
+  segments[0, 0, 0, :5] = 1
+  segments[1, 0, 0, :8] = 1
+  segments[1, 0, 2, :3] = 1  # step 0: 16 tokens in 3 rows
+  segments[0, 1, :, :] = 1  # step 1: 32 tokens in 4 rows, but only when the step is real
+  step_mask = np.array([[True, False, True], [True, True, True]])
+  assert stream.budgets(segments, step_mask) == stream.Budgets(16, 3)
+  step_mask[0, 1] = True
+  assert stream.budgets(segments, step_mask) == stream.Budgets(32, 4)
+  assert stream.budgets(segments, step_mask, accum_steps=2) == stream.Budgets(16, 2)  # rows 0-1 of step 1
+  assert [stream.round_up(n) for n in (1, 32, 33, 100, 1000, 1025)] == [1, 32, 34, 100, 1024, 1088]
+
+
+@pytest.mark.parametrize("accum,prox,fresh", [(1, 0.0, True), (2, 0.1, False)])
+def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh):
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
+  opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1, fresh_each_round=fresh)
+  lc = federated.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum, prox)
+  base = model.init_params(CFG, jax.random.PRNGKey(0))
+  prefix, prefix_mask = jnp.arange(3, 9, dtype=jnp.int32), jnp.ones(6, jnp.float32).at[0].set(0.0)
+  batches = client_batches(6, seed=1)
+  adapters = adapters_of(4, lcfg)
+  anchors = adapters_of(4, lcfg, seed=7) if prox else None
+  ctx = federated.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
+  states = lambda: federated.init_client_states(jax.tree.map(jnp.array, adapters), lc, jax.random.PRNGKey(4))
+  budget = stream.budgets(batches.segment_ids, batches.step_mask, accum)
+  got = federated._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc, budget=budget)
+  want = federated._vmapped_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
