@@ -27,15 +27,16 @@ BASE_RULES = {
 
 
 def enough_cpu_threads() -> None:
-  """Gives XLA:CPU's runtime a thread per simulated device (call before the first JAX computation).
+  """Gives XLA:CPU's runtime threads for its simulated devices (call before the first JAX computation).
 
-  With `--xla_force_host_platform_device_count=N` and fewer than N cores, the runtime's pool (one thread
-  per core by default, overridable by the NPROC variable) can hold only some devices' parts of a program;
-  those wait in an all-reduce for the rest, which never start, and XLA aborts after 40 s.
+  With `--xla_force_host_platform_device_count=N` every device's part of a program is a task on one
+  thread pool (a thread per core by default; the NPROC variable overrides it), and a task waiting in an
+  all-reduce holds its thread. With few cores, the parts of two programs in flight can hold every thread
+  while a part they wait for is queued: XLA aborts after 40 s. Four threads per device leave room.
   """
   match = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-  if match and "NPROC" not in os.environ and int(match.group(1)) > (os.cpu_count() or 1):
-    os.environ["NPROC"] = match.group(1)
+  if match and "NPROC" not in os.environ:
+    os.environ["NPROC"] = str(max(4 * int(match.group(1)), os.cpu_count() or 1))
 
 
 def make_mesh(clients: int = 1, model: int = 1) -> Mesh:

@@ -1,0 +1,713 @@
+"""Throughput of a federated round: ours (one jitted, vmapped call) against the PyTorch way (transformers
+LlamaForCausalLM + PEFT LoRA, clients one after another over one base model), same work on both sides.
+
+  python tools/benchmark.py --quick                 # 8 clients on the CPU preset, a few minutes
+  python tools/benchmark.py --out bench.json        # the sweep: clients 1/8/64, then k = 1..L-1 at 8 clients
+  python tools/benchmark.py --preset gpu1b --clients 16,32 --out bench.json   # tools/gpu_benchmark.sh
+
+Both sides train on the same Games records (--data, read at run time), tokenized by our BPE, with the
+same model config and base weights (shared through a saved checkpoint when small), the same initial
+LoRA (r=8 on q,v, dropout 0), the same examples in the same steps (B per client step; the step
+assignment is our batch plan's shuffle), the same loss (train_on_inputs=True: every token after the
+first, mean over a step's label tokens) and AdamW (fresh per client per round, linear schedule, global
+norm clipping at 1.0, as the reference's Trainer). Batches are prepared before timing on both sides.
+The torch side pads each batch to its longest example rounded up to a multiple of 8, as the reference's
+DataCollatorForSeq2Seq(pad_to_multiple_of=8); ours packs the suffixes after the shared prompt prefix into
+rows (docs/data.md). Each side runs in its own subprocess (peak RSS is per side); one round is the
+warm-up (it includes our compilation), then --reps rounds are timed and the median is reported.
+
+Counted: samples = training examples processed per round; tokens = their real (non-pad) tokens, prefix
+included; model FLOPs per sample = fellrec_jax.flops.training_flops of the plain computation (see there
+for how attention is counted); MFU = samples/s x FLOPs/sample / the matmul peak measured in this run.
+The first round's per-client mean training losses of both sides are printed: they agree when the work
+is the same (weights are shared when --share_weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+PRESETS = {
+    # PERFORMANCE.md's CPU case; GQA (4 query heads, 2 key/value heads), SwiGLU width 688 (8/3 d, /16).
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2,
+                vocab_size=8192, dtype="float32", split_k=2),
+    # ~1.1B parameters (TinyLlama's shape), bfloat16 compute, float32 adapters and optimizer state.
+    "gpu1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+                  vocab_size=32000, dtype="bfloat16", split_k=11),
+    # Seconds on a CPU: checks the script end to end (the GPU path included, with --preset tiny --dtype ...).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                 vocab_size=8192, dtype="float32", split_k=1),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="only the 8-client case at the preset's k (CPU: minutes)")
+  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  p.add_argument("--dtype", default="", help="override the preset's compute dtype (float32 | bfloat16)")
+  p.add_argument("--data", default=str(ROOT.parent / "shared/data/games_bigrec"),
+                 help="BIGRec directory with train.json; the synthetic dataset when it does not exist")
+  p.add_argument("--clients", default="1,8,64", help="client counts of the sweep")
+  p.add_argument("--steps", default="", help="optimizer steps per client, per client count "
+                 "(default: 8 for 1 client, 4 for 2-16, 2 above)")
+  p.add_argument("--ks", default="all", help="split points of the k sweep at 8 clients ('all': 1..L-1, '' none)")
+  p.add_argument("--batch_size", type=int, default=8, help="examples per client step (B)")
+  p.add_argument("--row_len", type=int, default=0, help="our row length T (0: longest suffix, multiple of 16)")
+  p.add_argument("--lanes", type=int, default=16, help="our clients trained at once when there are more")
+  p.add_argument("--loss_chunk", type=int, default=1024, help="our positions per LM-head chunk (0: all)")
+  p.add_argument("--reps", type=int, default=3, help="timed rounds per case (the median is reported)")
+  p.add_argument("--learning_rate", type=float, default=1e-3)
+  p.add_argument("--warmup_steps", type=int, default=2)
+  p.add_argument("--cutoff_len", type=int, default=512)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--share_weights", default="auto", choices=("auto", "yes", "no"),
+                 help="both sides load one saved checkpoint (auto: below 200M parameters)")
+  p.add_argument("--sides", default="jax,torch", help="which sides to run")
+  p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: the CPU count)")
+  p.add_argument("--xla_flags", default="auto", help="XLA_FLAGS for our side ('auto': on a CPU "
+                 "--xla_cpu_prefer_vector_width=512, i.e. AVX-512 for XLA's own loops; -2..3%% of a step)")
+  p.add_argument("--omp_wait_policy", default="PASSIVE", help="OMP_WAIT_POLICY for the torch side (PASSIVE: its "
+                 "threads sleep at barriers instead of spinning, which matters when other processes load the CPU)")
+  p.add_argument("--hugepages", default="yes", choices=("yes", "no"),
+                 help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for large "
+                 "allocations: fewer page faults on fresh activation buffers)")
+  p.add_argument("--workdir", default="", help="where the tokenizer, data and checkpoint go (default: a temp dir)")
+  p.add_argument("--out", default="", help="write the results as JSON")
+  p.add_argument("--table", default="", help="also write the printed table to this file")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  p.add_argument("--spec", default="", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def default_steps(clients: int) -> int:
+  return 8 if clients == 1 else 4 if clients <= 16 else 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and model, prepared once by the parent process
+
+
+def load_records(data_dir: Path, workdir: Path):
+  """The Games dataset if present, else the synthetic one (noted in the results)."""
+  from fellrec_jax.dataset import load_dataset
+  if (data_dir / "train.json").is_file():
+    return load_dataset(data_dir), str(data_dir)
+  from configs import data as data_config
+  from fellrec_jax import synthetic
+  print(f"note: {data_dir}/train.json not found: using the synthetic dataset", flush=True)
+  return synthetic.generate(data_config.get_synthetic_config()), "synthetic"
+
+
+def prepare(args, workdir: Path) -> dict:
+  """Tokenizer, encoded examples, model config (and checkpoint), initial adapters: files in workdir."""
+  from fellrec_jax import batching, hf_interop, prompts
+  from fellrec_jax import lora as lora_lib
+  from fellrec_jax import model as model_lib
+  from fellrec_jax import tokenizer as tok_lib
+  preset = dict(PRESETS[args.preset])
+  dtype = args.dtype or preset.pop("dtype")
+  preset.pop("dtype", None)
+  split_k = preset.pop("split_k")
+  dataset, source = load_records(Path(args.data), workdir)
+  tokenizer = tok_lib.load_or_train_tokenizer(tokenizer_path="", dataset=dataset, vocab_size=8192,
+                                              save_dir=workdir / "tokenizer")
+  examples = [prompts.encode_example(tokenizer, r, cutoff_len=args.cutoff_len, train_on_inputs=True)
+              for r in dataset.train]
+  prefix_ids, prefix_mask = batching.shared_prefix(examples)
+  vocab = max(preset.pop("vocab_size"), -(-len(tokenizer) // 128) * 128)
+  cfg = model_lib.LlamaConfig(vocab_size=vocab, head_dim=preset["hidden_size"] // preset["num_heads"],
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tok_lib.pad_id(tokenizer), dtype=dtype, **preset)
+  lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
+  hf_dir = workdir / "hf"
+  from fellrec_jax import flops as flops_lib
+  share = args.share_weights == "yes" or (args.share_weights == "auto" and flops_lib.total_parameters(cfg) < 2e8)
+  if share:
+    import jax
+    hf_interop.save_llama(hf_dir, cfg, model_lib.init_params(cfg, jax.random.PRNGKey(args.seed)))
+  else:
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    hf_interop.config_to_hf(cfg).save_pretrained(str(hf_dir))  # config only: each side draws its weights
+  adapters = initial_adapters(cfg, lcfg, args.seed)
+  ids = np.concatenate([e[0] for e in examples]).astype(np.int32)
+  offsets = np.cumsum([0] + [len(e[0]) for e in examples])
+  np.savez(workdir / "data.npz", ids=ids, offsets=offsets, prefix_ids=prefix_ids, prefix_mask=prefix_mask,
+           **{f"lora.{n}.{w}": v for n, ab in adapters.items() for w, v in ab.items()})
+  return {"source": source, "hf_dir": str(hf_dir), "shared_weights": bool(share), "dtype": dtype,
+          "split_k": split_k, "config": {k: getattr(cfg, k) for k in (
+              "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim")},
+          "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "targets": list(lcfg.targets)},
+          "num_records": len(examples), "prefix_len": int(len(prefix_ids)), "tokenizer_size": len(tokenizer),
+          "pad_id": int(tok_lib.pad_id(tokenizer)), "parameters": flops_lib.total_parameters(cfg)}
+
+
+def initial_adapters(cfg, lcfg, seed: int) -> dict:
+  """PEFT's initialisation (a ~ U(+-1/sqrt(in)), b = 0) as numpy, [L, in, r] and [L, r, out]."""
+  from fellrec_jax import lora as lora_lib
+  rs = np.random.default_rng([seed, 11])
+  adapters = {}
+  for name in lcfg.targets:
+    fan_in, fan_out = lora_lib.projection_shapes(cfg)[name]
+    bound = 1.0 / np.sqrt(fan_in)
+    adapters[name] = {"a": rs.uniform(-bound, bound, (cfg.num_layers, fan_in, lcfg.rank)).astype(np.float32),
+                      "b": np.zeros((cfg.num_layers, lcfg.rank, fan_out), np.float32)}
+  return adapters
+
+
+def client_steps(args, num_records: int, prefix_len: int, clients: int, steps: int, examples):
+  """Examples of each client (consecutive records, wrapping around) and its steps (the plan's shuffle)."""
+  from fellrec_jax import batching
+  per_client = steps * args.batch_size
+  assignment = [[(c * per_client + i) % num_records for i in range(per_client)] for c in range(clients)]
+  client_examples = [[examples[i] for i in a] for a in assignment]
+  plan = batching.make_plan(client_examples, prefix_len=prefix_len, batch_size=args.batch_size,
+                            local_epochs=1, seed=args.seed, num_rounds=1, row_len=args.row_len)
+  step_examples = [[[a[i] for i in idx] for idx in batching.step_indices(plan, 0, c)]
+                   for c, a in enumerate(assignment)]
+  return assignment, step_examples, plan
+
+
+def load_examples(workdir: Path):
+  data = np.load(workdir / "data.npz")
+  ids, offsets = data["ids"], data["offsets"]
+  examples = [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+  adapters = {}
+  for key in data.files:
+    if key.startswith("lora."):
+      _, name, w = key.split(".")
+      adapters.setdefault(name, {})[w] = data[key]
+  return examples, data["prefix_ids"], data["prefix_mask"], adapters
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process so far (all its threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def rss_mb() -> float:
+  """Peak resident set size of this process so far (MiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+
+
+def worker_peak(spec: dict) -> dict:
+  """Matmul peak: jax (and torch) float32 on CPU, bfloat16 on a GPU; best of several runs."""
+  import jax
+  import jax.numpy as jnp
+  gpu = jax.default_backend() != "cpu"
+  n = 8192 if gpu else 2048
+  dtype = jnp.bfloat16 if gpu else jnp.float32
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(7):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  out = {"jax": 2 * n**3 / min(times), "n": n, "dtype": str(jnp.dtype(dtype)), "backend": jax.default_backend(),
+         "device": str(jax.devices()[0].device_kind)}
+  try:
+    import torch
+    torch.set_num_threads(spec["threads"])
+    dev = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    x = torch.randn(n, n, dtype=torch.bfloat16 if gpu else torch.float32, device=dev)
+    x @ x
+    ts = []
+    for _ in range(7):
+      if dev == "cuda":
+        torch.cuda.synchronize()
+      start = time.perf_counter()
+      x @ x
+      if dev == "cuda":
+        torch.cuda.synchronize()
+      ts.append(time.perf_counter() - start)
+    out["torch"] = 2 * n**3 / min(ts)
+  except Exception as error:  # the peak of record is jax's
+    out["torch_error"] = repr(error)
+  return out
+
+
+def jax_side(spec: dict):
+  """(one_round, summary) of our side: one call of federated.local_round per round."""
+  import jax
+  import jax.numpy as jnp
+  from fellrec_jax import batching, federated, hf_interop, optimizer, split_learning
+  from fellrec_jax import lora as lora_lib
+  from fellrec_jax import model as model_lib
+  workdir = Path(spec["workdir"])
+  examples, prefix_ids, prefix_mask, init = load_examples(workdir)
+  cfg = hf_interop.load_config(spec["hf_dir"], dtype=spec["dtype"])
+  param_dtype = jnp.dtype(spec["dtype"])
+  if spec["shared_weights"]:
+    base = hf_interop.load_params(spec["hf_dir"], cfg, param_dtype=param_dtype)
+  else:
+    base = model_lib.init_params(cfg, jax.random.PRNGKey(spec["seed"]), param_dtype=param_dtype)
+  base = jax.device_put(base)
+  lcfg = lora_lib.LoraConfig(rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"], dropout=0.0,
+                             targets=tuple(spec["lora"]["targets"]))
+  client_examples = [[(examples[i], _label_mask(len(examples[i]))) for i in a] for a in spec["assignment"]]
+  plan = batching.make_plan(client_examples, prefix_len=len(prefix_ids), batch_size=spec["batch_size"],
+                            local_epochs=1, seed=spec["seed"], num_rounds=1, row_len=spec["row_len"])
+  batches = jax.device_put(federated.batches_from(batching.round_batches(plan, 0)))
+  opt = optimizer.OptimizerConfig(learning_rate=spec["learning_rate"], warmup_steps=spec["warmup_steps"])
+  lc = federated.LocalConfig(split_learning.SplitConfig(cfg, lcfg, spec["k"], spec["loss_chunk"]), opt)
+  C = len(spec["assignment"])
+  ctx = federated.RoundContext(jnp.int32(spec["warmup_steps"]), jnp.ones(C, jnp.float32))
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (C, *x.shape)), init)
+  prefix = (jnp.asarray(prefix_ids, jnp.int32), jnp.asarray(prefix_mask, jnp.float32))
+  lanes = spec["lanes"] if C > spec["lanes"] else 0
+  rss_before = current_rss_mb()
+  losses = []
+
+  def one_round():
+    states = federated.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0))
+    jax.block_until_ready(states)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    states, metrics = federated.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes)
+    jax.block_until_ready((states, metrics))
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    losses[:] = np.asarray(metrics.train_loss).tolist()
+    return seconds, cpu
+
+  def summary():
+    out = {"train_loss": losses, "rows_per_step": plan.rows_per_step, "row_len": plan.row_len,
+           "steps": plan.steps, "lanes": lanes, "slots_per_step": plan.rows_per_step * plan.row_len,
+           "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), **executed_flops(plan, batches, lc, lanes)}
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats:
+      out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+    return out
+
+  return one_round, summary
+
+
+def executed_flops(plan, batches, lc, lanes: int) -> dict:
+  """The FLOPs our round executes (layout as local_round runs it: streamed, or packed rows per client)."""
+  from fellrec_jax import federated, stream
+  from fellrec_jax import flops as flops_lib
+  cfg, lcfg = lc.split.model, lc.split.lora
+  num_clients = batches.tokens.shape[0]
+  streamed = lc.split.lora.dropout == 0.0
+  if lanes:  # waves [W, V]: a step of V lanes per wave
+    schedule = federated.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
+    batches = federated.arrange(batches, schedule)
+    steps, width = batches.step_mask.shape
+  else:  # [C, S]: a step of all C clients per step
+    width, steps = batches.step_mask.shape
+  if not streamed:
+    per_step = width * flops_lib.packed_training_flops(cfg, lcfg, plan.rows_per_step, plan.row_len, plan.prefix_len)
+    return {"streamed": False, "executed_flops": steps * per_step}
+  budget = stream.budgets(batches.segment_ids, batches.step_mask)
+  per_step = flops_lib.streamed_training_flops(cfg, lcfg, budget.tokens, budget.rows, plan.row_len, plan.prefix_len,
+                                               width, stream.CAUSAL_BLOCKS)
+  return {"streamed": True, "budget_tokens": budget.tokens, "budget_rows": budget.rows,
+          "executed_flops": steps * per_step}
+
+
+def _label_mask(n: int) -> np.ndarray:
+  """train_on_inputs=True: every token but the first is a label."""
+  return (np.arange(n) >= 1).astype(np.float32)
+
+
+def torch_side(spec: dict):
+  """(one_round, summary) of the PyTorch baseline: clients one after another over one PEFT model."""
+  import torch
+  import transformers
+  import peft
+  torch.set_num_threads(spec["threads"])
+  torch.manual_seed(spec["seed"])
+  dev = "cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu"
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+  workdir = Path(spec["workdir"])
+  examples, _, _, init = load_examples(workdir)
+  if spec["shared_weights"]:
+    model = transformers.LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype)
+  else:
+    config = transformers.LlamaConfig.from_pretrained(spec["hf_dir"])
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+  model.to(dev)
+  lora_config = peft.LoraConfig(r=spec["lora"]["rank"], lora_alpha=spec["lora"]["alpha"], lora_dropout=0.0,
+                                target_modules=spec["lora"]["targets"], bias="none", task_type="CAUSAL_LM")
+  model = peft.get_peft_model(model, lora_config)
+  model.train()
+  lora_params = _peft_lora_params(model)
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  initial = {key: torch.tensor(_peft_value(init, key)).to(dev) for key in lora_params}
+  batches = [[_collate(examples, idx, spec["pad_id"], dev) for idx in steps] for steps in spec["steps"]]
+  rss_before = current_rss_mb()
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  losses = []
+
+  def one_round():
+    states = [{k: v.clone() for k, v in initial.items()} for _ in batches]
+    sync()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    client_losses = []
+    for c, client_batches in enumerate(batches):
+      with torch.no_grad():  # swap in this client's LoRA weights
+        for key, param in lora_params.items():
+          param.copy_(states[c][key])
+      opt = torch.optim.AdamW(trainable, lr=spec["learning_rate"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+      sched = transformers.get_linear_schedule_with_warmup(opt, spec["warmup_steps"], len(client_batches))
+      total = torch.zeros((), device=dev)
+      for batch in client_batches:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+      client_losses.append(total / len(client_batches))
+      with torch.no_grad():
+        states[c] = {key: param.detach().clone() for key, param in lora_params.items()}
+    sync()
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    losses[:] = [float(x) for x in client_losses]
+    return seconds, cpu
+
+  def summary():
+    out = {"train_loss": losses, "padded_tokens": sum(int(b["input_ids"].numel()) for cb in batches for b in cb),
+           "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), "threads": torch.get_num_threads(),
+           "attn_implementation": model.config._attn_implementation}
+    if dev == "cuda":
+      out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+  return one_round, summary
+
+
+def _peft_lora_params(model) -> dict:
+  """{(layer, projection, 'a'|'b'): parameter} of a PEFT LlamaForCausalLM."""
+  params = {}
+  for name, param in model.named_parameters():
+    if "lora_" not in name:
+      continue
+    parts = name.split(".")
+    layer = int(parts[parts.index("layers") + 1])
+    projection = next(p for p in parts if p.endswith("_proj"))
+    params[(layer, projection, "a" if "lora_A" in name else "b")] = param
+  return params
+
+
+def _peft_value(init: dict, key) -> np.ndarray:
+  """Our [in, r] / [r, out] adapter of one layer as PEFT's [r, in] / [out, r] weight."""
+  layer, projection, which = key
+  return np.ascontiguousarray(init[projection][which][layer].T)
+
+
+def _collate(examples, indices, pad_id: int, dev: str) -> dict:
+  """DataCollatorForSeq2Seq(pad_to_multiple_of=8): right padding, labels -100 on padding."""
+  import torch
+  length = -(-max(len(examples[i]) for i in indices) // 8) * 8
+  ids = np.full((len(indices), length), pad_id, np.int64)
+  mask = np.zeros((len(indices), length), np.int64)
+  for row, i in enumerate(indices):
+    ids[row, :len(examples[i])] = examples[i]
+    mask[row, :len(examples[i])] = 1
+  labels = np.where(mask > 0, ids, -100)
+  return {k: torch.from_numpy(v).to(dev) for k, v in
+          (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+
+
+SIDES = {"jax": jax_side, "torch": torch_side}
+
+
+def serve(kind: str, spec: dict) -> None:
+  """A side as a worker process: set up, run the warm-up round, then one round per 'round' line on stdin
+  (replying 'ROUND {json}'), until 'done' (replying 'DONE {summary}'). Protocol lines go to stdout."""
+  one_round, summary = SIDES[kind](spec)
+  seconds, _ = one_round()
+  print("READY " + json.dumps({"warmup_seconds": seconds}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "round":
+      seconds, cpu = one_round()
+      print("ROUND " + json.dumps({"seconds": seconds, "cpu_seconds": cpu}), flush=True)
+    elif line.strip() == "done":
+      print("DONE " + json.dumps(summary()), flush=True)
+      return
+
+
+class Worker:
+  """A side's worker process (tools/benchmark.py --worker KIND): its rounds are run on request."""
+
+  def __init__(self, kind: str, spec: dict, workdir: Path, env: dict):
+    self.kind = kind
+    spec_path = workdir / f"spec_{kind}_{time.monotonic_ns()}.json"
+    spec_path.write_text(json.dumps(spec))
+    self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)],
+                                 env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.result = {"seconds": [], "cpu_seconds": []}
+    self.result.update(self._reply("READY"))
+
+  def _reply(self, tag: str) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(tag + " "):
+        return json.loads(line[len(tag) + 1:])
+      sys.stdout.write(line)  # anything else the side printed
+    raise RuntimeError(f"the {self.kind} worker exited (code {self.proc.wait()}) before answering {tag}")
+
+  def round(self) -> None:
+    self.proc.stdin.write("round\n")
+    self.proc.stdin.flush()
+    reply = self._reply("ROUND")
+    self.result["seconds"].append(reply["seconds"])
+    self.result["cpu_seconds"].append(reply["cpu_seconds"])
+
+  def finish(self) -> dict:
+    self.proc.stdin.write("done\n")
+    self.proc.stdin.flush()
+    self.result.update(self._reply("DONE"))
+    self.proc.wait()
+    return self.result
+
+
+def worker_env(args, kind: str) -> dict:
+  env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  flags = ("" if args.gpu else "--xla_cpu_prefer_vector_width=512") if args.xla_flags == "auto" else args.xla_flags
+  if kind == "jax" and flags:
+    env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), flags]).strip()
+  if kind == "jax" and args.gpu:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # report the memory the round needs, not a preallocation
+  if args.hugepages == "yes":
+    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+  if kind == "torch" and args.omp_wait_policy:
+    env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+  return env
+
+
+def run_sides(args, specs: dict, workdir: Path) -> dict:
+  """Each side's warm-up round and args.reps timed rounds. On a CPU both workers are up at once and their
+  rounds alternate (jax, torch, torch, jax, ...), so that both see the same load from other processes; on
+  a GPU they run one after the other (one device, each side's memory measured alone)."""
+  results = {}
+  if args.gpu:
+    for kind, spec in specs.items():
+      worker = Worker(kind, spec, workdir, worker_env(args, kind))
+      for _ in range(args.reps):
+        worker.round()
+      results[kind] = worker.finish()
+    return results
+  workers = {kind: Worker(kind, spec, workdir, worker_env(args, kind)) for kind, spec in specs.items()}
+  order = list(workers)
+  for rep in range(args.reps):
+    for kind in (order if rep % 2 == 0 else order[::-1]):
+      workers[kind].round()
+  return {kind: worker.finish() for kind, worker in workers.items()}
+
+
+def peak_flops(args, workdir: Path) -> dict:
+  spec_path = workdir / "spec_peak.json"
+  spec_path.write_text(json.dumps({"threads": args.threads}))
+  proc = subprocess.run([sys.executable, __file__, "--worker", "peak", "--spec", str(spec_path)],
+                        env=worker_env(argparse.Namespace(**{**vars(args), "gpu": False}), "peak"), cwd=ROOT)
+  if proc.returncode:
+    raise RuntimeError("the matmul peak measurement failed")
+  return json.loads(spec_path.with_suffix(".out.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+
+def summarize(side: dict, samples: int, tokens: int, flops_per_sample: float, peak: float) -> dict:
+  median = statistics.median(side["seconds"])
+  out = dict(side)
+  out.update(median_seconds=median, samples_per_s=samples / median, tokens_per_s=tokens / median,
+             mfu=samples / median * flops_per_sample / peak,
+             samples_per_cpu_s=samples / statistics.median(side["cpu_seconds"]))
+  return out
+
+
+def case_figures(args, info: dict, assignment, step_examples, examples, plan) -> dict:
+  from fellrec_jax import flops as flops_lib
+  from fellrec_jax import hf_interop
+  from fellrec_jax import lora as lora_lib
+  cfg = hf_interop.load_config(info["hf_dir"], dtype=info["dtype"])
+  lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=tuple(info["lora"]["targets"]))
+  lengths = [len(examples[i]) for a in assignment for i in a]
+  plain = sum(flops_lib.training_flops(cfg, lcfg, n) for n in lengths)
+  torch_slots = [(len(s), -(-max(len(examples[i]) for i in s) // 8) * 8) for steps in step_examples for s in steps]
+  torch_exec = sum(b * flops_lib.training_flops(cfg, lcfg, n) for b, n in torch_slots)
+  steps = sum(len(s) for s in step_examples)
+  return {"samples": len(lengths), "tokens": sum(lengths), "client_steps": steps,
+          "flops_per_sample": plain / len(lengths), "torch_executed_flops_per_sample": torch_exec / len(lengths)}
+
+
+def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: float, torch_result=None):
+  steps = int(dict(_pairs(args.steps)).get(clients, default_steps(clients))) if args.steps else default_steps(clients)
+  assignment, step_examples, plan = client_steps(args, info["num_records"], info["prefix_len"], clients, steps,
+                                                 [(e, _label_mask(len(e))) for e in examples])
+  figures = case_figures(args, info, assignment, step_examples, examples, plan)
+  common = {"workdir": str(workdir), "hf_dir": info["hf_dir"], "dtype": info["dtype"], "lora": info["lora"],
+            "shared_weights": info["shared_weights"], "seed": args.seed, "reps": args.reps,
+            "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps, "pad_id": info["pad_id"],
+            "batch_size": args.batch_size, "threads": args.threads or os.cpu_count(), "gpu": args.gpu}
+  case = {"clients": clients, "steps_per_client": steps, "k": k, **figures}
+  specs = {}
+  if "jax" in sides:
+    specs["jax"] = dict(common, assignment=assignment, k=k, row_len=args.row_len, lanes=args.lanes,
+                        loss_chunk=args.loss_chunk)
+  if "torch" in sides and torch_result is None:
+    specs["torch"] = dict(common, steps=step_examples)
+  results = run_sides(args, specs, workdir)
+  for kind, result in results.items():
+    case[kind] = summarize(result, figures["samples"], figures["tokens"], figures["flops_per_sample"], peak)
+  if "jax" in results:
+    case["jax_executed_flops_per_sample"] = results["jax"]["executed_flops"] / figures["samples"]
+  if torch_result is not None:
+    case["torch"] = torch_result
+  if "jax" in case and "torch" in case:
+    case["speedup"] = case["jax"]["samples_per_s"] / case["torch"]["samples_per_s"]
+    case["speedup_cpu_time"] = case["jax"]["samples_per_cpu_s"] / case["torch"]["samples_per_cpu_s"]
+  return case
+
+
+def _pairs(text: str):
+  """'1:8,8:4' -> [(1, 8), (8, 4)]."""
+  return [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+
+
+def table(results: dict) -> str:
+  peak = results["peak"]
+  lines = [
+      f"machine: {results['machine']['cpu']} ({results['machine']['cores']} cores), "
+      f"{results['machine']['backend']} {results['machine']['device']}",
+      f"model: {results['model']}; data: {results['data']}",
+      f"matmul peak ({peak['n']}^3 {peak['dtype']}): jax {peak['jax'] / 1e9:.0f} GFLOP/s"
+      + (f", torch {peak['torch'] / 1e9:.0f}" if "torch" in peak else ""),
+      "",
+      "| clients | k | steps/client | side | samples/s | tokens/s | speedup | samples/CPU-s | speedup (CPU time) | MFU "
+      "| exec GFLOP/sample | peak RSS MiB | first-round loss |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for case in results["cases"]:
+    for side in ("torch", "jax"):
+      if side not in case:
+        continue
+      s = case[side]
+      ours = side == "jax" and "speedup" in case
+      speed = f"{case['speedup']:.2f}x" if ours else ""
+      speed_cpu = f"{case['speedup_cpu_time']:.2f}x" if ours else ""
+      executed = case.get(f"{side}_executed_flops_per_sample", float("nan")) / 1e9
+      mem = f"{s['peak_rss_mb']:.0f}" + (f" (device {s['device_peak_mb']:.0f})" if "device_peak_mb" in s else "")
+      loss = f"{np.mean(s['train_loss']):.4f}"
+      lines.append(f"| {case['clients']} | {case['k'] if side == 'jax' else '-'} | {case['steps_per_client']} | "
+                   f"{side} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {speed} | "
+                   f"{s['samples_per_cpu_s']:.1f} | {speed_cpu} | {100 * s['mfu']:.1f}% | {executed:.2f} | {mem} | "
+                   f"{loss} |")
+  lines.append("")
+  lines.append(f"model FLOPs per sample (plain computation): "
+               f"{results['cases'][0]['flops_per_sample'] / 1e9:.2f} GFLOP; samples = training examples, "
+               "tokens = their real tokens (prefix included)")
+  return "\n".join(lines)
+
+
+def machine_info() -> dict:
+  cpu = platform.processor() or "unknown"
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        cpu = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count()}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.worker == "peak":
+    result = worker_peak(json.loads(Path(args.spec).read_text()))
+    Path(args.spec).with_suffix(".out.json").write_text(json.dumps(result))
+    return
+  if args.worker:
+    serve(args.worker, json.loads(Path(args.spec).read_text()))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = Path(args.workdir or tmp)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run(args, workdir)
+
+
+def run(args, workdir: Path):
+  args.threads = args.threads or os.cpu_count()
+  sides = [s for s in args.sides.split(",") if s]
+  start = time.perf_counter()
+  info = prepare(args, workdir)
+  args.gpu = False
+  peak = peak_flops(args, workdir)
+  args.gpu = peak["backend"] != "cpu"
+  examples, _, _, _ = load_examples(workdir)
+  L = info["config"]["num_layers"]
+  clients = [8] if args.quick else [int(c) for c in args.clients.split(",") if c]
+  ks = [] if args.quick or not args.ks else list(range(1, L)) if args.ks == "all" else [int(k) for k in args.ks.split(",")]
+  cases, torch_at = [], {}
+  for c in clients:
+    print(f"case: {c} clients, k={info['split_k']}", flush=True)
+    case = run_case(args, info, workdir, examples, c, info["split_k"], sides, peak["jax"])
+    cases.append(case)
+    torch_at[c] = case.get("torch")
+  for k in ks:
+    if k == info["split_k"] and 8 in clients:
+      continue
+    print(f"case: 8 clients, k={k}", flush=True)
+    cases.append(run_case(args, info, workdir, examples, 8, k, [s for s in sides if s == "jax"] +
+                          (["torch"] if torch_at.get(8) else []), peak["jax"], torch_at.get(8)))
+  cfg = info["config"]
+  results = {
+      "machine": {**machine_info(), "backend": peak["backend"], "device": peak["device"]},
+      "peak": peak, "data": f"{info['source']} ({info['num_records']} train records, prefix P={info['prefix_len']}, "
+                            f"tokenizer {info['tokenizer_size']} tokens)",
+      "model": (f"Llama d={cfg['hidden_size']} L={cfg['num_layers']} heads={cfg['num_heads']}/"
+                f"{cfg['num_kv_heads']} ffn={cfg['intermediate_size']} V={cfg['vocab_size']} "
+                f"({info['parameters'] / 1e6:.1f}M parameters), {info['dtype']}, LoRA r=8 on q,v, "
+                f"B={args.batch_size}"),
+      "info": info, "args": {k: v for k, v in vars(args).items() if k not in ("worker", "spec")},
+      "cases": cases, "wall_seconds": time.perf_counter() - start,
+  }
+  main_case = next((c for c in cases if c["clients"] == 8), cases[0])
+  for side in ("jax", "torch"):
+    if side in main_case:
+      results[side] = {"samples_per_s": main_case[side]["samples_per_s"],
+                       "tokens_per_s": main_case[side]["tokens_per_s"], "mfu": main_case[side]["mfu"],
+                       "peak_rss_mb": main_case[side]["peak_rss_mb"]}
+  if "speedup" in main_case:
+    results["speedup"] = main_case["speedup"]
+    results["speedup_cpu_time"] = main_case["speedup_cpu_time"]
+  text = table(results)
+  print(text)
+  if args.table:
+    Path(args.table).write_text(text + "\n")
+  if args.out:
+    Path(args.out).write_text(json.dumps(results, indent=2, default=float))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
