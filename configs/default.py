@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.split_k = 2  # client keeps layers [0, k) and L-1; the server runs [k, L-1) (reference 20 of 32)
   c.fed.server_adapters = "per_client"  # per_client (reference) | shared (one middle-layer set, averaged)
   c.fed.clients_per_chunk = 2  # clients trained at once (vmap lanes, balanced by steps); 0 = all at once
+  c.fed.stream_groups = 1  # without LoRA dropout: the clients' tokens as this many independent streams per step
   c.fed.prox_mu = 0.01  # fedprox: proximal coefficient mu
   c.fed.ditto_lambda = 0.1  # ditto: proximal coefficient of the personal models
   c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)

@@ -38,6 +38,7 @@ class LocalConfig:
   optimizer: optimizer_lib.OptimizerConfig
   accum_steps: int = 1  # micro-batches per optimizer step (rows per step must be a multiple)
   prox_mu: float = 0.0  # FedProx / Ditto proximal coefficient: mu/2 * ||theta - anchor||^2
+  stream_groups: int = 1  # streamed steps: independent streams of client groups (XLA runs them concurrently)
 
 
 class ClientStates(NamedTuple):
@@ -162,17 +163,26 @@ def apply_step(adapters, opt_state, count, total, labels, grads, real, anchor, w
 
 
 def streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
-                  warmup_steps, total_steps, lr_scale, lc: LocalConfig, budget: stream.Budgets) -> StepOutput:
+                  warmup_steps, total_steps, lr_scale, lc: LocalConfig,
+                  budget: tuple[stream.Budgets, ...]) -> StepOutput:
   """`train_step` of every client at once ([C, ...] arguments, no dropout): the loss and gradients of all
-  clients' tokens as one stream (stream.py), then each client's update."""
+  clients' tokens as streams (stream.py), one per group of clients (`budget`: one per group; independent
+  computations that XLA can run side by side), then each client's update."""
   micro = _micro_batches(batch, lc.accum_steps, axis=1)
+  C = real.shape[0]
+  groups = stream.group_bounds(C, len(budget))
+
+  def group_loss_and_grads(xs):
+    parts = [stream.loss_and_grads(base, jax.tree.map(lambda x: x[a:b], adapters), tuple(x[a:b] for x in xs),
+                                   real[a:b], prefix_tokens, prefix_loss_mask, lc.split, group_budget)
+             for (a, b), group_budget in zip(groups, budget)]
+    return jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
   def accumulate(carry, xs):
     total, labels, grads = carry
-    t, c, g = stream.loss_and_grads(base, adapters, xs, real, prefix_tokens, prefix_loss_mask, lc.split, budget)
+    t, c, g = group_loss_and_grads(xs)
     return (total + t, labels + c, jax.tree.map(jnp.add, grads, g)), None
 
-  C = real.shape[0]
   init = (jnp.zeros(C, jnp.float32), jnp.zeros(C, jnp.float32), jax.tree.map(jnp.zeros_like, adapters))
   (total, labels, grads), _ = jax.lax.scan(accumulate, init, micro)
   update = functools.partial(apply_step, lc=lc)
@@ -367,14 +377,15 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if schedule is None and (lanes <= 0 or lanes >= num_clients):
     batches = ClientBatches(*batches[:5])
     if streamed:
-      budget = stream.budgets(batches.segment_ids, batches.step_mask, lc.accum_steps)
+      budget = stream.group_budgets(batches.segment_ids, batches.step_mask, lc.accum_steps, lc.stream_groups)
       return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
                                  budget=budget)
     return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = stream.budgets(waves.segment_ids, waves.step_mask, lc.accum_steps) if streamed else None
+  budget = (stream.group_budgets(np.swapaxes(waves.segment_ids, 0, 1), np.swapaxes(waves.step_mask, 0, 1),
+                                 lc.accum_steps, lc.stream_groups) if streamed else None)
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
                           prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
 

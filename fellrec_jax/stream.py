@@ -81,6 +81,18 @@ def budgets(segment_ids, step_mask, accum_steps: int = 1) -> Budgets:
   return Budgets(round_up(int(tokens)), round_up(int(rows)))
 
 
+def group_bounds(num_clients: int, groups: int) -> list[tuple[int, int]]:
+  """[start, stop) of `groups` contiguous, near-equal groups of clients (fewer when there are fewer clients)."""
+  edges = np.linspace(0, num_clients, min(groups, num_clients) + 1).round().astype(int)
+  return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def group_budgets(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1) -> tuple[Budgets, ...]:
+  """`budgets` of each group of clients (`group_bounds`), each group being its own stream."""
+  seg, mask = np.asarray(segment_ids), np.asarray(step_mask)
+  return tuple(budgets(seg[a:b], mask[a:b], accum_steps) for a, b in group_bounds(seg.shape[0], groups))
+
+
 def layout(tokens, positions, segment_ids, loss_mask, real, prefix_tokens, budget: Budgets) -> Layout:
   """The stream layout of one micro-batch of rows [C, R, T] of all clients (`real` [C]: the step holds data)."""
   C, R, T = tokens.shape

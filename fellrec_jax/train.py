@@ -87,7 +87,7 @@ def validate_config(config) -> None:
   fed = config.fed
   if fed.aggregator not in AGGREGATORS:
     raise ValueError(f"fed.aggregator={fed.aggregator!r} is unknown; choose from {AGGREGATORS}")
-  for name in ("rounds", "local_epochs"):
+  for name in ("rounds", "local_epochs", "stream_groups"):
     if fed[name] < 1:
       raise ValueError(f"fed.{name} must be >= 1, got {fed[name]}")
   if fed.num_clients < 1 and not (fed.num_clients == 0 and config.data.partition == "per_user"):
@@ -149,7 +149,7 @@ def local_config(config, model_cfg, lcfg) -> federated.LocalConfig:
   split = split_learning.SplitConfig(model_cfg, lcfg, config.fed.split_k, config.model.loss_chunk,
                                      config.model.remat)
   prox = {"fedprox": config.fed.prox_mu, "ditto": config.fed.ditto_lambda}.get(config.fed.aggregator, 0.0)
-  return federated.LocalConfig(split, opt, config.train.accum_steps, prox)
+  return federated.LocalConfig(split, opt, config.train.accum_steps, prox, config.fed.stream_groups)
 
 
 def setup(config, workdir) -> Run:

@@ -15,8 +15,8 @@ LCFG = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_pro
 OPT = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=2, max_grad_norm=1.0)
 
 
-def local_config(k=1, accum=1, opt=OPT, prox=0.0, lcfg=LCFG):
-  return federated.LocalConfig(split_learning.SplitConfig(CFG, lcfg, k), opt, accum, prox)
+def local_config(k=1, accum=1, opt=OPT, prox=0.0, lcfg=LCFG, groups=1):
+  return federated.LocalConfig(split_learning.SplitConfig(CFG, lcfg, k), opt, accum, prox, groups)
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +149,17 @@ def test_masked_steps_and_clients_are_exact_no_ops(world):
   assert metrics.num_steps.tolist() == [1, 2, 0] and float(metrics.train_loss[2]) == 0.0
 
 
-@pytest.mark.parametrize("lanes,fresh", [(0, True), (2, False), (1, True)])
-def test_vmapped_round_equals_clients_one_by_one(world, lanes, fresh):
-  """All clients in one vmap (lanes=0), or fewer lanes each training several clients in turn, give the
-  numbers of the plain one-client-at-a-time path."""
+@pytest.mark.parametrize("lanes,fresh,groups", [(0, True, 1), (2, False, 1), (1, True, 1), (0, True, 2),
+                                                (2, True, 2)])
+def test_vmapped_round_equals_clients_one_by_one(world, lanes, fresh, groups):
+  """All clients in one vmap (lanes=0), or fewer lanes each training several clients in turn, with the
+  clients' tokens in one stream or in `groups` streams, give the numbers of the one-client-at-a-time path."""
   base, prefix, prefix_mask, examples = world
   batches = stack_clients(pack_steps([examples[0:4], examples[4:8], examples[8:10]], 3),
                           pack_steps([examples[10:12]], 3),
                           pack_steps([examples[2:5], examples[7:11]], 3))
   opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1, fresh_each_round=fresh)
-  lc = local_config(1, 2, opt=opt)
+  lc = local_config(1, 2, opt=opt, groups=groups)
   adapters = fresh_adapters(3)
   lr_scale = jnp.array([1.0, 0.5, 0.8])
   vmapped, m1 = run_round(base, prefix, prefix_mask, adapters, batches, lc, lr_scale=lr_scale, lanes=lanes)

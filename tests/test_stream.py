@@ -106,8 +106,21 @@ def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh):
   anchors = adapters_of(4, lcfg, seed=7) if prox else None
   ctx = federated.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
   states = lambda: federated.init_client_states(jax.tree.map(jnp.array, adapters), lc, jax.random.PRNGKey(4))
-  budget = stream.budgets(batches.segment_ids, batches.step_mask, accum)
+  budget = stream.group_budgets(batches.segment_ids, batches.step_mask, accum)
   got = federated._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc, budget=budget)
   want = federated._vmapped_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_group_budgets_hold_every_step_of_their_group():
+  """Each group's budget holds the most row tokens and non-empty rows any step of that group has."""
+  rs = np.random.RandomState(3)
+  segment_ids = rs.randint(0, 3, (5, 4, 2, 6)) * (rs.rand(5, 4, 2, 6) < 0.7)
+  step_mask = rs.rand(5, 4) < 0.8
+  bounds = stream.group_bounds(5, 2)
+  assert bounds == [(0, 2), (2, 5)] and stream.group_bounds(1, 2) == [(0, 1)]
+  for (a, b), budget in zip(bounds, stream.group_budgets(segment_ids, step_mask, groups=2)):
+    valid = (segment_ids[a:b] > 0) & step_mask[a:b, :, None, None]
+    assert budget.tokens >= valid.sum(axis=(0, 2, 3)).max()
+    assert budget.rows >= valid.any(-1).sum(axis=(0, 2)).max()

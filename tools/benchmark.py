@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=8, help="examples per client step (B)")
   p.add_argument("--row_len", type=int, default=0, help="our row length T (0: longest suffix, multiple of 16)")
   p.add_argument("--lanes", type=int, default=16, help="our clients trained at once when there are more")
-  p.add_argument("--loss_chunk", type=int, default=1024, help="our positions per LM-head chunk (0: all)")
+  p.add_argument("--stream_groups", type=int, default=2, help="our clients' tokens as this many independent "
+                 "streams per step (federated.LocalConfig.stream_groups)")
+  p.add_argument("--loss_chunk", type=int, default=512, help="our positions per LM-head chunk (0: all; 512 ran 4%% faster than 1024 on a 2-core CPU)")
   p.add_argument("--reps", type=int, default=3, help="timed rounds per case (the median is reported)")
   p.add_argument("--learning_rate", type=float, default=1e-3)
   p.add_argument("--warmup_steps", type=int, default=2)
@@ -81,8 +84,9 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: the CPU count)")
   p.add_argument("--xla_flags", default="auto", help="XLA_FLAGS for our side ('auto': on a CPU "
                  "--xla_cpu_prefer_vector_width=512, i.e. AVX-512 for XLA's own loops; -2..3%% of a step)")
-  p.add_argument("--omp_wait_policy", default="PASSIVE", help="OMP_WAIT_POLICY for the torch side (PASSIVE: its "
-                 "threads sleep at barriers instead of spinning, which matters when other processes load the CPU)")
+  p.add_argument("--omp_wait_policy", default="", help="OMP_WAIT_POLICY for the torch side (default: torch's "
+                 "own; PASSIVE makes its threads sleep at barriers, which helps only when other processes load "
+                 "the CPU and cost it 4%% here when they do not)")
   p.add_argument("--hugepages", default="yes", choices=("yes", "no"),
                  help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for large "
                  "allocations: fewer page faults on fresh activation buffers)")
@@ -276,7 +280,8 @@ def jax_side(spec: dict):
                             local_epochs=1, seed=spec["seed"], num_rounds=1, row_len=spec["row_len"])
   batches = jax.device_put(federated.batches_from(batching.round_batches(plan, 0)))
   opt = optimizer.OptimizerConfig(learning_rate=spec["learning_rate"], warmup_steps=spec["warmup_steps"])
-  lc = federated.LocalConfig(split_learning.SplitConfig(cfg, lcfg, spec["k"], spec["loss_chunk"]), opt)
+  lc = federated.LocalConfig(split_learning.SplitConfig(cfg, lcfg, spec["k"], spec["loss_chunk"]), opt,
+                             stream_groups=spec["stream_groups"])
   C = len(spec["assignment"])
   ctx = federated.RoundContext(jnp.int32(spec["warmup_steps"]), jnp.ones(C, jnp.float32))
   stacked = jax.tree.map(lambda x: np.broadcast_to(x, (C, *x.shape)), init)
@@ -323,11 +328,16 @@ def executed_flops(plan, batches, lc, lanes: int) -> dict:
   if not streamed:
     per_step = width * flops_lib.packed_training_flops(cfg, lcfg, plan.rows_per_step, plan.row_len, plan.prefix_len)
     return {"streamed": False, "executed_flops": steps * per_step}
-  budget = stream.budgets(batches.segment_ids, batches.step_mask)
-  per_step = flops_lib.streamed_training_flops(cfg, lcfg, budget.tokens, budget.rows, plan.row_len, plan.prefix_len,
-                                               width, stream.CAUSAL_BLOCKS)
-  return {"streamed": True, "budget_tokens": budget.tokens, "budget_rows": budget.rows,
-          "executed_flops": steps * per_step}
+  segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
+  if lanes:  # budgets are per stream member (lane) first, as local_round computes them
+    segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
+  groups = stream.group_bounds(width, lc.stream_groups)
+  budgets = stream.group_budgets(segment_ids, step_mask, lc.accum_steps, lc.stream_groups)
+  per_step = sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len, plan.prefix_len,
+                                                   hi - lo, stream.CAUSAL_BLOCKS)
+                 for (lo, hi), b in zip(groups, budgets))
+  return {"streamed": True, "budget_tokens": sum(b.tokens for b in budgets),
+          "budget_rows": sum(b.rows for b in budgets), "executed_flops": steps * per_step}
 
 
 def _label_mask(n: int) -> np.ndarray:
@@ -465,6 +475,15 @@ class Worker:
                                  env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.result = {"seconds": [], "cpu_seconds": []}
     self.result.update(self._reply("READY"))
+    self.pause()
+
+  def pause(self) -> None:
+    """SIGSTOP between rounds: an idle side's threads (OpenMP spinning, XLA's pools) take no CPU from the
+    other side's round."""
+    self.proc.send_signal(signal.SIGSTOP)
+
+  def resume(self) -> None:
+    self.proc.send_signal(signal.SIGCONT)
 
   def _reply(self, tag: str) -> dict:
     for line in self.proc.stdout:
@@ -474,13 +493,16 @@ class Worker:
     raise RuntimeError(f"the {self.kind} worker exited (code {self.proc.wait()}) before answering {tag}")
 
   def round(self) -> None:
+    self.resume()
     self.proc.stdin.write("round\n")
     self.proc.stdin.flush()
     reply = self._reply("ROUND")
+    self.pause()
     self.result["seconds"].append(reply["seconds"])
     self.result["cpu_seconds"].append(reply["cpu_seconds"])
 
   def finish(self) -> dict:
+    self.resume()
     self.proc.stdin.write("done\n")
     self.proc.stdin.flush()
     self.result.update(self._reply("DONE"))
@@ -504,8 +526,9 @@ def worker_env(args, kind: str) -> dict:
 
 def run_sides(args, specs: dict, workdir: Path) -> dict:
   """Each side's warm-up round and args.reps timed rounds. On a CPU both workers are up at once and their
-  rounds alternate (jax, torch, torch, jax, ...), so that both see the same load from other processes; on
-  a GPU they run one after the other (one device, each side's memory measured alone)."""
+  rounds alternate (jax, torch, torch, jax, ...), so that both see the same load from other processes,
+  the idle one stopped (SIGSTOP); on a GPU they run one after the other (one device, each side's memory
+  measured alone)."""
   results = {}
   if args.gpu:
     for kind, spec in specs.items():
@@ -573,7 +596,7 @@ def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: f
   specs = {}
   if "jax" in sides:
     specs["jax"] = dict(common, assignment=assignment, k=k, row_len=args.row_len, lanes=args.lanes,
-                        loss_chunk=args.loss_chunk)
+                        loss_chunk=args.loss_chunk, stream_groups=args.stream_groups)
   if "torch" in sides and torch_result is None:
     specs["torch"] = dict(common, steps=step_examples)
   results = run_sides(args, specs, workdir)
