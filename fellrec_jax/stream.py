@@ -23,7 +23,6 @@ host, rounded up (to 1/16 of a power of two) so that rounds rarely recompile.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 

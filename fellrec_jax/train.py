@@ -289,7 +289,6 @@ def validation_losses(run: Run, adapters, valid) -> np.ndarray:
 
 def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[TrainState, dict]:
   start = time.perf_counter()
-  config = run.config
   batches = federated.batches_from(batching.round_batches(run.train_plan, round_index))
   batches = sharding.put_clients(batches, run.mesh)
   ctx = round_context(run, state, round_index)

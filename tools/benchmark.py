@@ -317,7 +317,6 @@ def executed_flops(plan, batches, lc, lanes: int) -> dict:
   from fellrec_jax import federated, stream
   from fellrec_jax import flops as flops_lib
   cfg, lcfg = lc.split.model, lc.split.lora
-  num_clients = batches.tokens.shape[0]
   streamed = lc.split.lora.dropout == 0.0
   if lanes:  # waves [W, V]: a step of V lanes per wave
     schedule = federated.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
