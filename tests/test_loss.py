@@ -126,3 +126,17 @@ def test_fused_per_token_nll_takes_any_cotangent():
   fused = lambda p, h: jnp.sum(coef * loss_lib.weighted_token_nll(p, h, targets, weights, cfg, 4))
   for a, b in zip(jax.tree.leaves(jax.grad(fused, (0, 1))(params, h)), jax.tree.leaves(jax.grad(plain, (0, 1))(params, h))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("chunk,n", [(512, 3756), (512, 3628), (512, 512), (512, 513), (16, 100), (7, 30),
+                                     (512, 4096), (500, 1001)])
+def test_chunks_are_balanced(chunk, n):
+  """At most `chunk` positions a chunk, as few chunks as that allows, and under 8 positions of padding each."""
+  size = loss_lib.chunk_size(chunk, n)
+  chunks = -(-n // size)
+  assert size <= chunk and chunks == -(-n // chunk)
+  assert chunks * size - n < 8 * chunks
+
+
+def test_chunk_size_without_chunking():
+  assert loss_lib.chunk_size(0, 100) == 100 and loss_lib.chunk_size(512, 300) == 300
