@@ -366,6 +366,16 @@ def streams(lc: LocalConfig, states: ClientStates) -> bool:
   return lc.split.lora.dropout == 0.0 and (sharding is None or len(sharding.device_set) == 1)
 
 
+def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False) -> tuple[stream.Budgets, ...]:
+  """The static budgets of a round's streams (stream.group_budgets, host-side): of batches [C, S, ...], a
+  step of every client per step; or of waves [W, V, ...] (`arrange`), where a stream's members are the V
+  lanes and its steps are the waves, so the budgets are taken over [V, W, ...]."""
+  segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
+  if waves:
+    segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
+  return stream.group_budgets(segment_ids, step_mask, lc.accum_steps, lc.stream_groups)
+
+
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
                 ctx: RoundContext, *, lc: LocalConfig, lanes: int = 0, schedule: LaneSchedule | None = None):
   """All clients' local training for one round from [C, S, ...] batches; `lanes` clients at once (0: all).
@@ -377,15 +387,14 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if schedule is None and (lanes <= 0 or lanes >= num_clients):
     batches = ClientBatches(*batches[:5])
     if streamed:
-      budget = stream.group_budgets(batches.segment_ids, batches.step_mask, lc.accum_steps, lc.stream_groups)
+      budget = stream_budgets(batches, lc)
       return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
                                  budget=budget)
     return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = (stream.group_budgets(np.swapaxes(waves.segment_ids, 0, 1), np.swapaxes(waves.step_mask, 0, 1),
-                                 lc.accum_steps, lc.stream_groups) if streamed else None)
+  budget = stream_budgets(waves, lc, waves=True) if streamed else None
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
                           prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
 

@@ -124,3 +124,21 @@ def test_group_budgets_hold_every_step_of_their_group():
     valid = (segment_ids[a:b] > 0) & step_mask[a:b, :, None, None]
     assert budget.tokens >= valid.sum(axis=(0, 2, 3)).max()
     assert budget.rows >= valid.any(-1).sum(axis=(0, 2)).max()
+
+
+def test_round_budgets_of_waves_are_taken_over_lanes():
+  """Lanes: a wave's step holds the tokens of its V lanes, so a budget must hold the most tokens that any
+  wave has over its lanes (summing over the waves instead would be too small when W < V)."""
+  rs = np.random.RandomState(5)
+  W, V, R, T = 2, 6, 2, 8
+  segment_ids = rs.randint(1, 3, (W, V, R, T)) * (rs.rand(W, V, R, T) < 0.9)
+  step_mask = np.ones((W, V), bool)
+  waves = federated.ClientBatches(segment_ids, segment_ids, segment_ids, segment_ids, step_mask)
+  lc = federated.LocalConfig(split=None, optimizer=None, stream_groups=2)
+  budgets = federated.stream_budgets(waves, lc, waves=True)
+  for (a, b), budget in zip(stream.group_bounds(V, 2), budgets):
+    valid = segment_ids[:, a:b] > 0
+    assert budget.tokens >= valid.sum(axis=(1, 2, 3)).max()
+    assert budget.rows >= valid.any(-1).sum(axis=(1, 2)).max()
+  flat = federated.stream_budgets(waves, lc)  # the [C, S] reading: members = waves
+  assert len(flat) == 2 and flat != budgets

@@ -327,11 +327,8 @@ def executed_flops(plan, batches, lc, lanes: int) -> dict:
   if not streamed:
     per_step = width * flops_lib.packed_training_flops(cfg, lcfg, plan.rows_per_step, plan.row_len, plan.prefix_len)
     return {"streamed": False, "executed_flops": steps * per_step}
-  segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
-  if lanes:  # budgets are per stream member (lane) first, as local_round computes them
-    segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
   groups = stream.group_bounds(width, lc.stream_groups)
-  budgets = stream.group_budgets(segment_ids, step_mask, lc.accum_steps, lc.stream_groups)
+  budgets = federated.stream_budgets(batches, lc, waves=bool(lanes))  # as local_round computes them
   per_step = sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len, plan.prefix_len,
                                                    hi - lo, stream.CAUSAL_BLOCKS)
                  for (lo, hi), b in zip(groups, budgets))
