@@ -12,6 +12,9 @@ clients one after another (assigned longest first, so the lanes' step counts bal
 by V, and small clients do not idle while a large one finishes. A lane loads a client's state before its
 first step and stores it after its last.
 
+Without LoRA dropout each step of all clients runs as streams of their tokens (stream.py); with the client
+state sharded over a mesh's `clients` axis, every device streams its own clients (shard_map).
+
 `sequential_local_round` trains the clients one by one: the debug path that must give the same numbers.
 """
 
@@ -24,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fellrec_jax import model as model_lib
 from fellrec_jax import optimizer as optimizer_lib
@@ -352,28 +356,61 @@ def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_t
   return ClientStates(adapters, None if lc.optimizer.fresh_each_round else opt_state, next_rng), metrics
 
 
+def _sharded_streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,
+                            anchors, ctx: RoundContext, lc: LocalConfig, budget: tuple[stream.Budgets, ...],
+                            mesh: Mesh):
+  """`_streamed_round` on every device of the mesh's `clients` axis over its own shard of the clients
+  (shard_map): clients are independent within a round, so no device waits for another."""
+  shard, whole = P("clients"), P()
+  run = functools.partial(_streamed_round, lc=lc, budget=budget)
+  in_specs = (whole, shard, shard, whole, whole, shard, RoundContext(whole, shard))
+  return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(shard, shard), check_vma=False)(
+      base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx)
+
+
 # Client states are donated: their buffers are reused for the new states.
 _vmapped_round_jit = jax.jit(_vmapped_round, static_argnames=("lc",), donate_argnums=(1,))
 _streamed_round_jit = jax.jit(_streamed_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
 _lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
+_sharded_streamed_round_jit = jax.jit(_sharded_streamed_round, static_argnames=("lc", "budget", "mesh"),
+                                      donate_argnums=(1,))
+
+
+def client_mesh(states: ClientStates) -> Mesh | None:
+  """The mesh whose `clients` axis shards the client state over several devices, when the base is whole on
+  each of them (mesh.model = 1); None otherwise (one device, replicated or model-sharded state)."""
+  sharding = getattr(jax.tree.leaves(states.adapters)[0], "sharding", None)
+  if not isinstance(sharding, NamedSharding) or len(sharding.device_set) == 1:
+    return None
+  mesh = sharding.mesh
+  sharded = tuple(sharding.spec)[:1] == ("clients",) and mesh.shape["clients"] > 1
+  return mesh if sharded and mesh.shape.get("model", 1) == 1 else None
 
 
 def streams(lc: LocalConfig, states: ClientStates) -> bool:
   """Whether a round runs its steps as streams of all clients' tokens (stream.py), the fast path: not with
-  LoRA dropout (its masks are drawn per client), nor with client state sharded over several devices."""
+  LoRA dropout (its masks are drawn per client); on several devices, when the client state is sharded over
+  the mesh's `clients` axis (each device streams its own clients, `client_mesh`)."""
   leaf = jax.tree.leaves(states.adapters)[0]
   sharding = getattr(leaf, "sharding", None)
-  return lc.split.lora.dropout == 0.0 and (sharding is None or len(sharding.device_set) == 1)
+  one_device = sharding is None or len(sharding.device_set) == 1
+  return lc.split.lora.dropout == 0.0 and (one_device or client_mesh(states) is not None)
 
 
-def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False) -> tuple[stream.Budgets, ...]:
+def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
+                   shards: int = 1) -> tuple[stream.Budgets, ...]:
   """The static budgets of a round's streams (stream.group_budgets, host-side): of batches [C, S, ...], a
   step of every client per step; or of waves [W, V, ...] (`arrange`), where a stream's members are the V
-  lanes and its steps are the waves, so the budgets are taken over [V, W, ...]."""
+  lanes and its steps are the waves, so the budgets are taken over [V, W, ...]. With `shards`, the
+  members are split into that many equal shards (devices), each its own streams; one program runs on
+  all of them, so each group's budget is the largest over the shards."""
   segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
   if waves:
     segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
-  return stream.group_budgets(segment_ids, step_mask, lc.accum_steps, lc.stream_groups)
+  size = segment_ids.shape[0] // shards
+  parts = [stream.group_budgets(segment_ids[i * size:(i + 1) * size], step_mask[i * size:(i + 1) * size],
+                                lc.accum_steps, lc.stream_groups) for i in range(shards)]
+  return tuple(stream.Budgets(max(b.tokens for b in group), max(b.rows for b in group)) for group in zip(*parts))
 
 
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
@@ -384,8 +421,13 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   """
   num_clients = states.rng.shape[0]
   streamed = streams(lc, states)
+  mesh = client_mesh(states) if streamed else None
   if schedule is None and (lanes <= 0 or lanes >= num_clients):
     batches = ClientBatches(*batches[:5])
+    if mesh is not None:
+      budget = stream_budgets(batches, lc, shards=mesh.shape["clients"])
+      return _sharded_streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx,
+                                         lc=lc, budget=budget, mesh=mesh)
     if streamed:
       budget = stream_budgets(batches, lc)
       return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
@@ -394,7 +436,7 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = stream_budgets(waves, lc, waves=True) if streamed else None
+  budget = stream_budgets(waves, lc, waves=True) if streamed and mesh is None else None
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
                           prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
 

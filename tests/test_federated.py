@@ -21,6 +21,10 @@ def local_config(k=1, accum=1, opt=OPT, prox=0.0, lcfg=LCFG, groups=1):
 
 @pytest.fixture(scope="module")
 def world():
+  return make_world()
+
+
+def make_world():
   rs = np.random.RandomState(0)
   base = model.init_params(CFG, jax.random.PRNGKey(0))
   prefix = rs.randint(3, CFG.vocab_size, P).astype(np.int32)
@@ -227,3 +231,46 @@ def test_boundary_bytes_count_the_four_crossings():
   sc = split_learning.SplitConfig(CFG, LCFG, 1)
   assert split_learning.boundary_bytes(R, T, P, sc) == 4 * (R * T + P) * CFG.hidden_size * 4
   assert split_learning.boundary_bytes(R, T, P, split_learning.SplitConfig(CFG, LCFG, 2)) == 0  # no server layers
+
+
+SHARDED_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from test_federated import make_world, pack_steps, stack_clients, fresh_adapters, local_config, run_round
+from fellrec_jax import federated, sharding
+base, prefix, prefix_mask, examples = make_world()
+C = 4
+small, large = [[[examples[c]]] for c in range(2)], [[examples[c:c + 3], examples[c + 4:c + 7]] for c in range(2, 4)]
+batches = stack_clients(*[pack_steps(steps, 2) for steps in small + large])  # shard 1 has more tokens a step
+lc = local_config(groups=int(sys.argv[1]))
+adapters = fresh_adapters(C)
+one, one_metrics = run_round(base, prefix, prefix_mask, adapters, batches, lc)
+mesh = sharding.make_mesh(clients=2)
+put = lambda tree: sharding.put_clients(tree, mesh)
+states = federated.init_client_states(put(jax.tree.map(np.array, adapters)), lc, jax.random.PRNGKey(9))
+assert federated.client_mesh(states) is mesh and federated.streams(lc, states)
+ctx = federated.RoundContext(np.int32(2), put(np.ones(C, np.float32)))
+two, two_metrics = federated.local_round(sharding.replicate(base, mesh), states, put(batches), prefix, prefix_mask,
+                                         None, ctx, lc=lc)
+assert len(jax.tree.leaves(two.adapters)[0].sharding.device_set) == 2
+for a, b in zip(jax.tree.leaves((one.adapters, one_metrics)), jax.tree.leaves((two.adapters, two_metrics))):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_streamed_round_on_a_client_mesh_equals_one_device(groups):
+  """Client state sharded over 2 devices: each streams its own clients (shard_map), the numbers are one
+  device's (the second device's clients have more tokens a step: its stream budgets must be the ones used)."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "NPROC": "8",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  run = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(groups)], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
