@@ -70,6 +70,9 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=8, help="examples per client step (B)")
   p.add_argument("--row_len", type=int, default=0, help="our row length T (0: longest suffix, multiple of 16)")
   p.add_argument("--lanes", type=int, default=16, help="our clients trained at once when there are more")
+  p.add_argument("--devices", type=int, default=1, help="our client state sharded over this many devices (mesh "
+                 "clients axis; each streams its own clients); on a CPU, XLA host devices. Cases whose client "
+                 "count it does not divide, or that use lanes, run on one")
   p.add_argument("--stream_groups", type=int, default=2, help="our clients' tokens as this many independent "
                  "streams per step (federated.LocalConfig.stream_groups)")
   p.add_argument("--loss_chunk", type=int, default=512, help="our positions per LM-head chunk (0: all; 512 ran 4%% faster than 1024 on a 2-core CPU)")
@@ -287,11 +290,19 @@ def jax_side(spec: dict):
   stacked = jax.tree.map(lambda x: np.broadcast_to(x, (C, *x.shape)), init)
   prefix = (jnp.asarray(prefix_ids, jnp.int32), jnp.asarray(prefix_mask, jnp.float32))
   lanes = spec["lanes"] if C > spec["lanes"] else 0
+  devices = spec.get("devices", 1)
+  put = lambda tree: tree
+  if devices > 1:
+    from fellrec_jax import sharding
+    mesh = sharding.make_mesh(clients=devices)
+    put = lambda tree: sharding.put_clients(tree, mesh)
+    base, batches = sharding.replicate(base, mesh), put(batches)
+    ctx = federated.RoundContext(ctx.warmup_steps, put(ctx.lr_scale))
   rss_before = current_rss_mb()
   losses = []
 
   def one_round():
-    states = federated.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0))
+    states = put(federated.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
     jax.block_until_ready(states)
     start, cpu = time.perf_counter(), cpu_seconds()
     states, metrics = federated.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes)
@@ -303,7 +314,8 @@ def jax_side(spec: dict):
   def summary():
     out = {"train_loss": losses, "rows_per_step": plan.rows_per_step, "row_len": plan.row_len,
            "steps": plan.steps, "lanes": lanes, "slots_per_step": plan.rows_per_step * plan.row_len,
-           "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), **executed_flops(plan, batches, lc, lanes)}
+           "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), "devices": devices,
+           **executed_flops(plan, batches, lc, lanes, devices)}
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
       out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -312,7 +324,7 @@ def jax_side(spec: dict):
   return one_round, summary
 
 
-def executed_flops(plan, batches, lc, lanes: int) -> dict:
+def executed_flops(plan, batches, lc, lanes: int, devices: int = 1) -> dict:
   """The FLOPs our round executes (layout as local_round runs it: streamed, or packed rows per client)."""
   from fellrec_jax import federated, stream
   from fellrec_jax import flops as flops_lib
@@ -327,11 +339,12 @@ def executed_flops(plan, batches, lc, lanes: int) -> dict:
   if not streamed:
     per_step = width * flops_lib.packed_training_flops(cfg, lcfg, plan.rows_per_step, plan.row_len, plan.prefix_len)
     return {"streamed": False, "executed_flops": steps * per_step}
-  groups = stream.group_bounds(width, lc.stream_groups)
-  budgets = federated.stream_budgets(batches, lc, waves=bool(lanes))  # as local_round computes them
-  per_step = sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len, plan.prefix_len,
-                                                   hi - lo, stream.CAUSAL_BLOCKS)
-                 for (lo, hi), b in zip(groups, budgets))
+  # As local_round computes them: each of the devices streams width / devices members with these budgets.
+  groups = stream.group_bounds(width // devices, lc.stream_groups)
+  budgets = federated.stream_budgets(batches, lc, waves=bool(lanes), shards=devices)
+  per_step = devices * sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len,
+                                                             plan.prefix_len, hi - lo, stream.CAUSAL_BLOCKS)
+                           for (lo, hi), b in zip(groups, budgets))
   return {"streamed": True, "budget_tokens": sum(b.tokens for b in budgets),
           "budget_rows": sum(b.rows for b in budgets), "executed_flops": steps * per_step}
 
@@ -509,6 +522,8 @@ class Worker:
 def worker_env(args, kind: str) -> dict:
   env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
   flags = ("" if args.gpu else "--xla_cpu_prefer_vector_width=512") if args.xla_flags == "auto" else args.xla_flags
+  if kind == "jax" and args.devices > 1 and not args.gpu:
+    flags = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
   if kind == "jax" and flags:
     env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), flags]).strip()
   if kind == "jax" and args.gpu:
@@ -591,7 +606,8 @@ def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: f
   case = {"clients": clients, "steps_per_client": steps, "k": k, **figures}
   specs = {}
   if "jax" in sides:
-    specs["jax"] = dict(common, assignment=assignment, k=k, row_len=args.row_len, lanes=args.lanes,
+    devices = args.devices if clients % args.devices == 0 and clients <= args.lanes else 1
+    specs["jax"] = dict(common, assignment=assignment, k=k, row_len=args.row_len, lanes=args.lanes, devices=devices,
                         loss_chunk=args.loss_chunk, stream_groups=args.stream_groups)
   if "torch" in sides and torch_result is None:
     specs["torch"] = dict(common, steps=step_examples)
@@ -637,8 +653,9 @@ def table(results: dict) -> str:
       executed = case.get(f"{side}_executed_flops_per_sample", float("nan")) / 1e9
       mem = f"{s['peak_rss_mb']:.0f}" + (f" (device {s['device_peak_mb']:.0f})" if "device_peak_mb" in s else "")
       loss = f"{np.mean(s['train_loss']):.4f}"
+      label = f"{side} ({s['devices']} devices)" if s.get("devices", 1) > 1 else side
       lines.append(f"| {case['clients']} | {case['k'] if side == 'jax' else '-'} | {case['steps_per_client']} | "
-                   f"{side} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {speed} | "
+                   f"{label} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {speed} | "
                    f"{s['samples_per_cpu_s']:.1f} | {speed_cpu} | {100 * s['mfu']:.1f}% | {executed:.2f} | {mem} | "
                    f"{loss} |")
   lines.append("")
