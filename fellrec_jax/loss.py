@@ -58,7 +58,7 @@ def weighted_token_nll(base, h_NxD, targets_N, weights_N, cfg, chunk: int = 0):
 def chunk_size(chunk: int, n: int) -> int:
   """The positions per chunk when n positions are split into chunks of at most `chunk` (0: one chunk):
   ceil(n / chunk) equal chunks, rounded up to a multiple of 8, so that padding stays under 8 positions a
-  chunk (3,756 positions by 512 are 8 chunks of 472, not of 512: 13% less head work)."""
+  chunk (3,756 positions by 512 are 8 chunks of 472, not of 512: 8% less head work)."""
   if not chunk or n <= chunk:
     return n
   size = -(-n // -(-n // chunk))

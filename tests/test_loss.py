@@ -128,8 +128,8 @@ def test_fused_per_token_nll_takes_any_cotangent():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("chunk,n", [(512, 3756), (512, 3628), (512, 512), (512, 513), (16, 100), (7, 30),
-                                     (512, 4096), (500, 1001)])
+@pytest.mark.parametrize("chunk,n", [(512, 3756), (512, 3628), (512, 512), (512, 513), (16, 100),
+                                     (7, 30), (512, 4096), (500, 1001)])
 def test_chunks_are_balanced(chunk, n):
   """At most `chunk` positions a chunk, as few chunks as that allows, and under 8 positions of padding each."""
   size = loss_lib.chunk_size(chunk, n)
