@@ -390,7 +390,8 @@ def client_mesh(states: ClientStates) -> Mesh | None:
 def streams(lc: LocalConfig, states: ClientStates) -> bool:
   """Whether a round runs its steps as streams of all clients' tokens (stream.py), the fast path: not with
   LoRA dropout (its masks are drawn per client); on several devices, when the client state is sharded over
-  the mesh's `clients` axis (each device streams its own clients, `client_mesh`)."""
+  the mesh's `clients` axis (each device streams its own clients, `client_mesh`) and all clients train at
+  once (lanes on a client mesh run as a vmap of packed rows)."""
   leaf = jax.tree.leaves(states.adapters)[0]
   sharding = getattr(leaf, "sharding", None)
   one_device = sharding is None or len(sharding.device_set) == 1

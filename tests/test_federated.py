@@ -1,5 +1,10 @@
 """Local training: equals plain centralized LoRA fine-tuning, masked steps are no-ops, vmap == one by one."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,8 +246,9 @@ from test_federated import make_world, pack_steps, stack_clients, fresh_adapters
 from fellrec_jax import federated, sharding
 base, prefix, prefix_mask, examples = make_world()
 C = 4
-small, large = [[[examples[c]]] for c in range(2)], [[examples[c:c + 3], examples[c + 4:c + 7]] for c in range(2, 4)]
-batches = stack_clients(*[pack_steps(steps, 2) for steps in small + large])  # shard 1 has more tokens a step
+small = [[[examples[c]]] for c in range(2)]
+large = [[examples[c:c + 3], examples[c + 4:c + 7]] for c in range(2, 4)]  # shard 1 has more tokens a step
+batches = stack_clients(*[pack_steps(steps, 2) for steps in small + large])
 lc = local_config(groups=int(sys.argv[1]))
 adapters = fresh_adapters(C)
 one, one_metrics = run_round(base, prefix, prefix_mask, adapters, batches, lc)
@@ -264,10 +270,6 @@ print("OK")
 def test_streamed_round_on_a_client_mesh_equals_one_device(groups):
   """Client state sharded over 2 devices: each streams its own clients (shard_map), the numbers are one
   device's (the second device's clients have more tokens a step: its stream budgets must be the ones used)."""
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
   root = Path(__file__).resolve().parents[1]
   env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "NPROC": "8",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
