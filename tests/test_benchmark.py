@@ -18,7 +18,7 @@ DATA = ROOT.parent / "shared/data/games_bigrec"
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   proc = subprocess.run([sys.executable, str(ROOT / "tools/benchmark.py"), "--preset", "tiny", "--quick",
-                         "--reps", "1", "--data", str(DATA), "--out", str(out)],
+                         "--reps", "1", "--block", "1", "--data", str(DATA), "--out", str(out)],
                         cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 8 |" in proc.stdout  # the table is printed
@@ -29,6 +29,8 @@ def test_quick_writes_the_figures(results):
   for side in ("jax", "torch"):
     assert results[side]["samples_per_s"] > 0 and results[side]["tokens_per_s"] > 0
     assert results[side]["peak_rss_mb"] > 0
+    # --reps 1 --block 1 with the default --rewarm 1: one untimed round, then the timed one.
+    assert len(results["cases"][0][side]["seconds"]) == len(results["cases"][0][side]["rewarm_seconds"]) == 1
   assert results["speedup"] == pytest.approx(results["jax"]["samples_per_s"] / results["torch"]["samples_per_s"])
   (case,) = results["cases"]
   assert case["clients"] == 8 and case["samples"] == 8 * case["steps_per_client"] * 8
@@ -41,3 +43,20 @@ def test_both_sides_do_the_same_work(results):
   np.testing.assert_allclose(jax_loss, torch_loss, rtol=2e-5, atol=2e-5)
   # The same samples, but we execute fewer FLOPs per sample (the prefix once a client step, no padding).
   assert case["jax_executed_flops_per_sample"] < case["torch_executed_flops_per_sample"]
+
+
+def test_rounds_take_turns_in_blocks_with_untimed_rewarm_rounds():
+  sys.path.insert(0, str(ROOT / "tools"))
+  import benchmark
+  schedule = benchmark.round_schedule(["jax", "torch"], reps=5, block=2, rewarm=1)
+  for kind in ("jax", "torch"):
+    assert sum(1 for k, timed in schedule if k == kind and timed) == 5
+  # ABBA turns: jax, torch, (torch,) jax, (jax,) torch; each turn starts with its untimed round.
+  turn_starts = [i for i, (kind, _) in enumerate(schedule) if i == 0 or schedule[i - 1][0] != kind]
+  assert [schedule[i] for i in turn_starts] == [("jax", False), ("torch", False), ("jax", False), ("torch", False)]
+  assert [t for k, t in schedule if k == "torch"] == [False, True, True, True, True, False, True]
+  # The old protocol: single rounds alternating, none untimed.
+  assert benchmark.round_schedule(["jax", "torch"], 2, 1, 0) == [
+      ("jax", True), ("torch", True), ("torch", True), ("jax", True)]
+  with pytest.raises(ValueError, match="--block"):
+    benchmark.round_schedule(["jax"], 3, 0, 1)

@@ -14,7 +14,8 @@ norm clipping at 1.0, as the reference's Trainer). Batches are prepared before t
 The torch side pads each batch to its longest example rounded up to a multiple of 8, as the reference's
 DataCollatorForSeq2Seq(pad_to_multiple_of=8); ours packs the suffixes after the shared prompt prefix into
 rows (docs/data.md). Each side runs in its own subprocess (peak RSS is per side); one round is the
-warm-up (it includes our compilation), then --reps rounds are timed and the median is reported.
+warm-up (it includes our compilation), then --reps rounds are timed and the median is reported (on a
+CPU in alternating blocks of --block rounds, each turn starting with --rewarm untimed rounds).
 
 Counted: samples = training examples processed per round; tokens = their real (non-pad) tokens, prefix
 included; model FLOPs per sample = fellrec_jax.flops.training_flops of the plain computation (see there
@@ -76,7 +77,12 @@ def parse_args(argv=None):
   p.add_argument("--stream_groups", type=int, default=2, help="our clients' tokens as this many independent "
                  "streams per step (federated.LocalConfig.stream_groups)")
   p.add_argument("--loss_chunk", type=int, default=512, help="our positions per LM-head chunk (0: all; 512 ran 4%% faster than 1024 on a 2-core CPU)")
-  p.add_argument("--reps", type=int, default=3, help="timed rounds per case (the median is reported)")
+  p.add_argument("--reps", type=int, default=4, help="timed rounds per side and case (the median is reported)")
+  p.add_argument("--block", type=int, default=2, help="CPU: timed rounds a side runs in a row before the other "
+                 "side's turn (blocks in ABBA order, so that both sides see the same drift of the machine)")
+  p.add_argument("--rewarm", type=int, default=1, help="CPU: untimed rounds a side runs when its turn starts: "
+                 "on this VM a process idle for seconds runs its next round up to 25%% slower (docs/performance.md)"
+                 "; --block 1 --rewarm 0 alternates single rounds")
   p.add_argument("--learning_rate", type=float, default=1e-3)
   p.add_argument("--warmup_steps", type=int, default=2)
   p.add_argument("--cutoff_len", type=int, default=512)
@@ -482,7 +488,7 @@ class Worker:
     spec_path.write_text(json.dumps(spec))
     self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)],
                                  env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.result = {"seconds": [], "cpu_seconds": []}
+    self.result = {"seconds": [], "cpu_seconds": [], "rewarm_seconds": []}
     self.result.update(self._reply("READY"))
     self.pause()
 
@@ -501,12 +507,15 @@ class Worker:
       sys.stdout.write(line)  # anything else the side printed
     raise RuntimeError(f"the {self.kind} worker exited (code {self.proc.wait()}) before answering {tag}")
 
-  def round(self) -> None:
+  def round(self, timed: bool = True) -> None:
     self.resume()
     self.proc.stdin.write("round\n")
     self.proc.stdin.flush()
     reply = self._reply("ROUND")
     self.pause()
+    if not timed:
+      self.result["rewarm_seconds"].append(reply["seconds"])
+      return
     self.result["seconds"].append(reply["seconds"])
     self.result["cpu_seconds"].append(reply["cpu_seconds"])
 
@@ -535,11 +544,28 @@ def worker_env(args, kind: str) -> dict:
   return env
 
 
+def round_schedule(kinds: list, reps: int, block: int, rewarm: int) -> list:
+  """The CPU order of rounds: [(kind, timed)]. Each side runs `reps` timed rounds in blocks of `block`,
+  the sides' blocks in ABBA order (a, b, b, a, a, b, ...: a linear drift of the machine's speed weighs on
+  both alike), and a side whose turn starts (the previous round was the other side's, or none) first runs
+  `rewarm` untimed rounds."""
+  if reps < 1 or block < 1 or rewarm < 0:
+    raise ValueError(f"--reps ({reps}) and --block ({block}) must be >= 1, --rewarm ({rewarm}) >= 0")
+  sizes = [min(block, reps - start) for start in range(0, reps, block)]
+  schedule, previous = [], None
+  for index, size in enumerate(sizes):
+    for kind in (kinds if index % 2 == 0 else kinds[::-1]):
+      if kind != previous:
+        schedule += [(kind, False)] * rewarm
+      schedule += [(kind, True)] * size
+      previous = kind
+  return schedule
+
+
 def run_sides(args, specs: dict, workdir: Path) -> dict:
-  """Each side's warm-up round and args.reps timed rounds. On a CPU both workers are up at once and their
-  rounds alternate (jax, torch, torch, jax, ...), so that both see the same load from other processes,
-  the idle one stopped (SIGSTOP); on a GPU they run one after the other (one device, each side's memory
-  measured alone)."""
+  """Each side's warm-up round and args.reps timed rounds. On a CPU both workers are up at once and take
+  turns (`round_schedule`), so that both see the same load from other processes, the idle one stopped
+  (SIGSTOP); on a GPU they run one after the other (one device, each side's memory measured alone)."""
   results = {}
   if args.gpu:
     for kind, spec in specs.items():
@@ -549,10 +575,8 @@ def run_sides(args, specs: dict, workdir: Path) -> dict:
       results[kind] = worker.finish()
     return results
   workers = {kind: Worker(kind, spec, workdir, worker_env(args, kind)) for kind, spec in specs.items()}
-  order = list(workers)
-  for rep in range(args.reps):
-    for kind in (order if rep % 2 == 0 else order[::-1]):
-      workers[kind].round()
+  for kind, timed in round_schedule(list(workers), args.reps, args.block, args.rewarm):
+    workers[kind].round(timed)
   return {kind: worker.finish() for kind, worker in workers.items()}
 
 
@@ -630,13 +654,17 @@ def _pairs(text: str):
 
 
 def table(results: dict) -> str:
-  peak = results["peak"]
+  peak, args = results["peak"], results["args"]
   lines = [
       f"machine: {results['machine']['cpu']} ({results['machine']['cores']} cores), "
       f"{results['machine']['backend']} {results['machine']['device']}",
       f"model: {results['model']}; data: {results['data']}",
       f"matmul peak ({peak['n']}^3 {peak['dtype']}): jax {peak['jax'] / 1e9:.0f} GFLOP/s"
       + (f", torch {peak['torch'] / 1e9:.0f}" if "torch" in peak else ""),
+      f"rounds: median of {args['reps']} timed per side"
+      + ("" if results["machine"]["backend"] != "cpu" else
+         f", sides taking turns in blocks of {args['block']} (ABBA), {args['rewarm']} untimed round(s) "
+         "when a turn starts"),
       "",
       "| clients | k | steps/client | side | samples/s | tokens/s | speedup | samples/CPU-s | speedup (CPU time) | MFU "
       "| exec GFLOP/sample | peak RSS MiB | first-round loss |",
@@ -694,6 +722,7 @@ def main(argv=None):
 def run(args, workdir: Path):
   args.threads = args.threads or os.cpu_count()
   sides = [s for s in args.sides.split(",") if s]
+  round_schedule(sides, args.reps, args.block, args.rewarm)  # a bad --reps/--block/--rewarm fails here
   start = time.perf_counter()
   info = prepare(args, workdir)
   args.gpu = False
