@@ -387,15 +387,17 @@ def client_mesh(states: ClientStates) -> Mesh | None:
   return mesh if sharded and mesh.shape.get("model", 1) == 1 else None
 
 
-def streams(lc: LocalConfig, states: ClientStates) -> bool:
-  """Whether a round runs its steps as streams of all clients' tokens (stream.py), the fast path: not with
-  LoRA dropout (its masks are drawn per client); on several devices, when the client state is sharded over
-  the mesh's `clients` axis (each device streams its own clients, `client_mesh`) and all clients train at
-  once (lanes on a client mesh run as a vmap of packed rows)."""
-  leaf = jax.tree.leaves(states.adapters)[0]
-  sharding = getattr(leaf, "sharding", None)
-  one_device = sharding is None or len(sharding.device_set) == 1
-  return lc.split.lora.dropout == 0.0 and (one_device or client_mesh(states) is not None)
+def streams(lc: LocalConfig, states: ClientStates, lanes: bool = False) -> bool:
+  """Whether a round runs its steps as streams of the clients' tokens (stream.py), the fast path: not with
+  LoRA dropout (its masks are drawn per client); on one device always, on several only when the client
+  state is sharded over the mesh's `clients` axis (each device streams its own clients, `client_mesh`) and
+  all clients train at once (`lanes` False: lanes on a client mesh run as a vmap of packed rows)."""
+  if lc.split.lora.dropout != 0.0:
+    return False
+  sharding = getattr(jax.tree.leaves(states.adapters)[0], "sharding", None)
+  if sharding is None or len(sharding.device_set) == 1:
+    return True
+  return not lanes and client_mesh(states) is not None
 
 
 def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
@@ -421,10 +423,11 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   Returns the new ClientStates (the given ones are donated) and ClientMetrics.
   """
   num_clients = states.rng.shape[0]
-  streamed = streams(lc, states)
-  mesh = client_mesh(states) if streamed else None
-  if schedule is None and (lanes <= 0 or lanes >= num_clients):
+  by_lanes = schedule is not None or 0 < lanes < num_clients
+  streamed = streams(lc, states, by_lanes)
+  if not by_lanes:
     batches = ClientBatches(*batches[:5])
+    mesh = client_mesh(states) if streamed else None
     if mesh is not None:
       budget = stream_budgets(batches, lc, shards=mesh.shape["clients"])
       return _sharded_streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx,
@@ -437,7 +440,7 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = stream_budgets(waves, lc, waves=True) if streamed and mesh is None else None
+  budget = stream_budgets(waves, lc, waves=True) if streamed else None  # streamed lanes: one device
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
                           prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
 

@@ -305,7 +305,7 @@ def jax_side(spec: dict):
     base, batches = sharding.replicate(base, mesh), put(batches)
     ctx = federated.RoundContext(ctx.warmup_steps, put(ctx.lr_scale))
   rss_before = current_rss_mb()
-  losses = []
+  losses, last = [], {}
 
   def one_round():
     states = put(federated.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
@@ -315,13 +315,14 @@ def jax_side(spec: dict):
     jax.block_until_ready((states, metrics))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     losses[:] = np.asarray(metrics.train_loss).tolist()
+    last["states"] = states  # their placement says how local_round ran (executed_flops)
     return seconds, cpu
 
   def summary():
     out = {"train_loss": losses, "rows_per_step": plan.rows_per_step, "row_len": plan.row_len,
            "steps": plan.steps, "lanes": lanes, "slots_per_step": plan.rows_per_step * plan.row_len,
            "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), "devices": devices,
-           **executed_flops(plan, batches, lc, lanes, devices)}
+           **executed_flops(plan, batches, lc, lanes, last["states"])}
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
       out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -330,12 +331,15 @@ def jax_side(spec: dict):
   return one_round, summary
 
 
-def executed_flops(plan, batches, lc, lanes: int, devices: int = 1) -> dict:
-  """The FLOPs our round executes (layout as local_round runs it: streamed, or packed rows per client)."""
+def executed_flops(plan, batches, lc, lanes: int, states) -> dict:
+  """The FLOPs our round executes, in the layout local_round chose for client states placed as `states`:
+  streamed (on one device, or on each device of a client mesh), or packed rows per client."""
   from fellrec_jax import federated, stream
   from fellrec_jax import flops as flops_lib
   cfg, lcfg = lc.split.model, lc.split.lora
-  streamed = lc.split.lora.dropout == 0.0
+  streamed = federated.streams(lc, states, bool(lanes))
+  mesh = federated.client_mesh(states) if streamed else None
+  devices = mesh.shape["clients"] if mesh is not None else 1
   if lanes:  # waves [W, V]: a step of V lanes per wave
     schedule = federated.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
     batches = federated.arrange(batches, schedule)
