@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, games
-from fellrec_jax import checkpoint, train
+from fellrec_jax.run import checkpoint
+from fellrec_jax.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GAMES = ROOT.parent / "shared/data/games_bigrec"
@@ -132,7 +133,8 @@ MESH_SCRIPT = """
 import sys
 sys.path.insert(0, "tests")
 from test_train import smoke
-from fellrec_jax import sharding, train
+from fellrec_jax.federated import sharding
+from fellrec_jax.run import train
 sharding.enough_cpu_threads()  # 3 devices on CI's 2 cores, as experiments/train.py does
 train.train(smoke(**{"mesh.clients": 3}), sys.argv[1])
 """
@@ -162,4 +164,18 @@ def test_client_mesh_equals_one_device(tmp_path):
     np.testing.assert_allclose(ra["aggregation"], rb["aggregation"], rtol=0, atol=1e-4)
   for client_a, client_b in zip(best_adapters(tmp_path / "one"), best_adapters(tmp_path / "mesh"), strict=True):
     for key in client_a:
-      np.testing.assert_allclose(client_a[key], client_b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+      assert_close_to_scale(client_a[key], client_b[key], key)
+
+
+def assert_close_to_scale(a, b, name):
+  """Equal up to what another reduction order can change, measured against the tensor, not the element.
+
+  Adam divides each gradient by its own running RMS, so an element whose gradient is tiny and changes sign
+  with the summation order moves by up to ~lr a step whatever its value: its own relative error can be
+  large (seen: 5.5e-4 and 1.3e-3 on one of 512 elements, on AMD and Intel CPUs). Measured against the
+  tensor's scale it stays ~1e-3, and the tensor's norm agrees to ~1e-4; what a sharding bug does (a client
+  or a shard trained on the wrong data, a missing reduction) changes the tensor by O(1) of its norm.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max(), name
+  assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(a), name
