@@ -1,7 +1,7 @@
 """The `data` part of a run's config (the engine sets `config.data = get_data_config()`).
 
 fed.num_clients, fed.local_epochs and seed live outside `data` and are passed to
-fellrec_jax.pipeline.build_federated_data as arguments. Override on the command line with
+fellrec_jax.data.pipeline.build_federated_data as arguments. Override on the command line with
 `--config.data.batch_size=16` etc.
 """
 
@@ -9,7 +9,7 @@ import ml_collections
 
 
 def get_synthetic_config() -> ml_collections.ConfigDict:
-  """The default dataset when `data.path` is empty (fellrec_jax/synthetic.py)."""
+  """The default dataset when `data.path` is empty (fellrec_jax/data/synthetic.py)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # generator seed: fixed apart from the run's seed, so runs compare on the same data
   c.num_users = 320  # users before the k-core (about 1,500 train / 570 valid / 210 test samples)
@@ -27,8 +27,8 @@ def get_synthetic_config() -> ml_collections.ConfigDict:
   c.days = 720  # length of the global clock; users join in the first 60%
   c.min_span = 0.8  # a user stays active for U(min_span, 1) of the remaining time
   c.popularity_shape = 3.0  # Pareto shape of item popularity (smaller: more skewed)
-  c.k_core = 5  # SPEC §6 k-core applied to the generated interactions
-  c.window = 10  # SPEC §6 history window
+  c.k_core = 5  # docs/method.md §6 k-core applied to the generated interactions
+  c.window = 10  # docs/method.md §6 history window
   return c
 
 
@@ -49,7 +49,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.row_len = 0  # T, tokens per packed row; 0 = longest suffix rounded up to a multiple of 16
   c.batch_size = 64  # examples per optimizer step (the reference's 64; 16 suits the CPU default run)
   c.eval_batch_size = 0  # examples per validation step; 0 = batch_size
-  # Clients (SPEC §2).
+  # Clients (docs/method.md §2).
   c.partition = "kmeans_mf"  # kmeans_mf | random | dirichlet | per_user
   c.dirichlet_alpha = 0.5  # dirichlet: concentration (smaller = each client sees fewer item groups)
   c.num_item_groups = 0  # dirichlet: item groups (KMeans on MF item embeddings); 0 = num_clients

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)
   c.fed.patience = 5  # stop after this many rounds without a better weighted validation loss (reference 5)
 
-  c.fellrec = ml_collections.ConfigDict()  # dynamic balance (SPEC §4)
+  c.fellrec = ml_collections.ConfigDict()  # dynamic balance (docs/method.md §4)
   c.fellrec.alpha = 0.7  # warm-weight scale (reference 0.7)
   c.fellrec.beta = 1.0  # heating speed: w = tanh(alpha / p ** (t + 1/beta)) (reference 1 or 5)
   c.fellrec.temperature = 0.05  # softmax temperature of the losses (reference 0.05)
@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_rounds_per_run = 0  # stop after this many rounds in one invocation (time-limited jobs); re-run resumes
   c.keep_checkpoints = 2  # checkpoints kept on disk
 
-  c.eval = ml_collections.ConfigDict()  # SPEC §5
+  c.eval = ml_collections.ConfigDict()  # docs/method.md §5
   c.eval.at_end = True  # evaluate the best adapters on the test split when training ends
   c.eval.every = 0  # also evaluate every N rounds (0 = never)
   # grounding (BIGRec: beam search, then L2 grounding) | likelihood (every title scored; small catalogs)

@@ -1,4 +1,4 @@
-"""SPEC §6: the reference's Games setup (BIGRec backend), on a BIGRec dataset directory.
+"""docs/method.md §6: the reference's Games setup (BIGRec backend), on a BIGRec dataset directory.
 
   python experiments/train.py --config=configs/games.py --workdir=runs/games
   python experiments/train.py --config=configs/games.py:smoke --workdir=/tmp/games_smoke

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fellrec_jax import comparison, sharding  # noqa: E402
+from fellrec_jax.run import comparison
+from fellrec_jax.federated import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (configs/*.py[:smoke]).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Output directory.")

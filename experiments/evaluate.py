@@ -1,4 +1,4 @@
-"""Evaluate a training run's best adapters per client on its test users (SPEC §5).
+"""Evaluate a training run's best adapters per client on its test users (docs/method.md §5).
 
   python experiments/evaluate.py --workdir=runs/default [--mode=constrained] [--max_test_users=100]
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from absl import app, flags, logging  # noqa: E402
 
-from fellrec_jax import evaluation  # noqa: E402
+from fellrec_jax.run import evaluate as evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a train.py run.", required=True)
 _MODE = flags.DEFINE_enum("mode", None, list(evaluation.EVAL_MODES), "Ranking mode (default: the run's config).")

@@ -7,7 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from fellrec_jax import hf_interop
+from fellrec_jax.model import hf_interop
 
 # Tiny architectures covering what the parity tests must show (GQA, MQA, llama3 rope, tied embeddings).
 TINY_CONFIGS = {

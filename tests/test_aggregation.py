@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from fellrec_jax import aggregation, heating
+from fellrec_jax.federated import aggregation
+from fellrec_jax.federated import heating
 
 
 def hand_warm(losses, t, alpha, beta, tau=0.05):

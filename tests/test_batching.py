@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs.data import get_data_config
-from fellrec_jax import batching
-from fellrec_jax.pipeline import build_federated_data
-from fellrec_jax.prompts import encode_example
+from fellrec_jax.data import batching
+from fellrec_jax.data.pipeline import build_federated_data
+from fellrec_jax.data.prompts import encode_example
 
 PAD = 3
 PREFIX = [1, 7, 7]  # every toy example starts with these ids

@@ -1,4 +1,4 @@
-"""Client cost vs k (fellrec_jax/client_cost.py) against hand counts, flops.py and the split step."""
+"""Client cost vs k (fellrec_jax/analysis/client_cost.py) against hand counts, flops.py and the split step."""
 
 import functools
 import importlib.util
@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fellrec_jax import client_cost, flops, lora, model, split_learning
+from fellrec_jax.analysis import client_cost
+from fellrec_jax.analysis import flops
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
+from fellrec_jax.federated import split_learning
 
 # tools/client_cost.py's tiny preset.
 CFG = model.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,

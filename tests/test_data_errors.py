@@ -8,13 +8,16 @@ import pandas as pd
 import pytest
 
 from configs.data import get_data_config
-from fellrec_jax import batching, partition, prompts, synthetic
-from fellrec_jax.dataset import load_dataset
-from fellrec_jax.pipeline import build_federated_data
-from fellrec_jax.prepare import (Construction, build_dataset, prepare_from_amazon,
+from fellrec_jax.data import batching
+from fellrec_jax.data import partition
+from fellrec_jax.data import prompts
+from fellrec_jax.data import synthetic
+from fellrec_jax.data.dataset import load_dataset
+from fellrec_jax.data.pipeline import build_federated_data
+from fellrec_jax.data.prepare import (Construction, build_dataset, prepare_from_amazon,
                                  prepare_from_tables)
-from fellrec_jax.records import DataError, format_titles, load_records, make_record
-from fellrec_jax.tokenizer import train_bpe_tokenizer
+from fellrec_jax.data.records import DataError, format_titles, load_records, make_record
+from fellrec_jax.data.tokenizer import train_bpe_tokenizer
 
 GOOD = {"instruction": "Recommend.", "input": 'Seen:"A", "B"\n ', "output": '"C"', "user": 1}
 

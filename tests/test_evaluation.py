@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fellrec_jax import comparison, evaluation, train
+from fellrec_jax.run import comparison
+from fellrec_jax.run import evaluate as evaluation
+from fellrec_jax.run import train
 from test_train import smoke
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from fellrec_jax import federated, lora, model, optimizer, split_learning
+from fellrec_jax.federated import rounds as federated
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
+from fellrec_jax.federated import optimizer
+from fellrec_jax.federated import split_learning
 
 P, T, R = 6, 16, 4  # prefix length, row length, rows per step
 CFG = model.LlamaConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
@@ -243,7 +247,8 @@ import sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from test_federated import make_world, pack_steps, stack_clients, fresh_adapters, local_config, run_round
-from fellrec_jax import federated, sharding
+from fellrec_jax.federated import rounds as federated
+from fellrec_jax.federated import sharding
 base, prefix, prefix_mask, examples = make_world()
 C = 4
 small = [[[examples[c]]] for c in range(2)]

@@ -1,6 +1,8 @@
 """FLOP and parameter counts against hand computations on a tiny config."""
 
-from fellrec_jax import flops, lora, model
+from fellrec_jax.analysis import flops
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
 
 CFG = model.LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=6, num_layers=3, num_heads=2,
                         num_kv_heads=1, head_dim=2)

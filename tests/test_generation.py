@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, make_hf_model, to_ours
-from fellrec_jax import generation, lora
+from fellrec_jax.model import generation
+from fellrec_jax.model import lora
 from test_lora import peft_model, randomize
 
 LCFG = lora.LoraConfig(rank=4, dropout=0.0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, make_hf_model, to_ours
-from fellrec_jax import grounding
+from fellrec_jax.evaluation import grounding
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,6 @@ def test_item_embeddings_are_cached_per_base_and_catalog(tiny, tmp_path, monkeyp
   assert len(list(tmp_path.glob("*.npy"))) == 1
   monkeypatch.setattr(grounding, "embed_texts", lambda *a, **k: pytest.fail("the cache was not used"))
   np.testing.assert_array_equal(grounding.item_embeddings(params, cfg, texts, tmp_path, batch_size=4), first)
-  other = dict(params, norm=params["norm"] * 2)
+  other = dict(params, norm={"scale": params["norm"]["scale"] * 2})
   keys = {grounding.cache_key(p, cfg, t) for p, t in [(params, texts), (other, texts), (params, texts[1:])]}
   assert len(keys) == 3

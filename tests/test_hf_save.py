@@ -9,7 +9,9 @@ import torch
 import transformers
 
 from conftest import TINY_CONFIGS, make_hf_model, random_batch, rel_error
-from fellrec_jax import hf_interop, lora, model
+from fellrec_jax.model import hf_interop
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
 
 NO_LORA = lora.LoraConfig(dropout=0.0)
 

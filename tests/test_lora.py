@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, make_hf_model, random_batch, rel_error, to_ours
-from fellrec_jax import hf_interop, lora, model
+from fellrec_jax.model import hf_interop
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,8 +31,8 @@ def peft_model(hf, lcfg, adapters):
       if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
         layer = int(name.split(".layers.")[1].split(".")[0])
         proj = name.rsplit(".", 1)[1]
-        module.lora_A["default"].weight.copy_(torch.tensor(np.asarray(adapters[proj]["a"][layer]).T))
-        module.lora_B["default"].weight.copy_(torch.tensor(np.asarray(adapters[proj]["b"][layer]).T))
+        module.lora_A["default"].weight.copy_(torch.tensor(np.asarray(lora.projection_adapters(adapters)[proj]["lora_a"][layer]).T))
+        module.lora_B["default"].weight.copy_(torch.tensor(np.asarray(lora.projection_adapters(adapters)[proj]["lora_b"][layer]).T))
   return pm
 
 
@@ -44,7 +46,8 @@ def test_fresh_adapters_follow_peft_init(tiny):
   lcfg = lora.LoraConfig(rank=4, targets=ALL)
   adapters = lora.init_adapters(cfg, lcfg, jax.random.PRNGKey(0))
   for name, (fan_in, fan_out) in lora.projection_shapes(cfg).items():
-    a, b = np.asarray(adapters[name]["a"]), np.asarray(adapters[name]["b"])
+    ab = lora.projection_adapters(adapters)[name]
+    a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
     assert a.shape == (cfg.num_layers, fan_in, 4) and b.shape == (cfg.num_layers, 4, fan_out)
     assert np.all(b == 0)
     bound = 1 / np.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) of a [r, in] weight
@@ -100,9 +103,11 @@ def test_dropout_is_inverted_and_random(tiny):
   lcfg = lora.LoraConfig(rank=4, dropout=0.5)
   adapters = randomize(lora.init_adapters(cfg, lcfg, jax.random.PRNGKey(0)))
   x = jnp.ones((1000, cfg.hidden_size))
-  a = lora.lora_delta(x, jax.tree.map(lambda v: v[0], adapters["q_proj"]), lcfg, jax.random.PRNGKey(1), jnp.float32)
-  b = lora.lora_delta(x, jax.tree.map(lambda v: v[0], adapters["q_proj"]), lcfg, jax.random.PRNGKey(2), jnp.float32)
-  exact = lora.lora_delta(x, jax.tree.map(lambda v: v[0], adapters["q_proj"]), lcfg, None, jnp.float32)
+  adapter = jax.tree.map(lambda v: v[0], lora.projection_adapters(adapters)["q_proj"])
+  no_base = {"kernel": jnp.zeros((cfg.hidden_size, cfg.num_heads * cfg.head_dim))}
+  a = model.project(x, no_base, adapter, lcfg, jax.random.PRNGKey(1))
+  b = model.project(x, no_base, adapter, lcfg, jax.random.PRNGKey(2))
+  exact = model.project(x, no_base, adapter, lcfg, None)
   assert not np.allclose(a, b)
   np.testing.assert_allclose(np.mean(np.asarray(a), 0), np.asarray(exact)[0], rtol=0.2, atol=0.2 * np.abs(exact).max())
 

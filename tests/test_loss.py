@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fellrec_jax import lora, model
-from fellrec_jax import loss as loss_lib
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
+from fellrec_jax.model import loss as loss_lib
 from test_lora import randomize
 
 LCFG = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj", "up_proj"))

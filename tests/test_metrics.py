@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fellrec_jax import metrics
+from fellrec_jax.evaluation import metrics
 
 D2, D3 = 1 / np.log2(3), 1 / np.log2(4)  # NDCG discounts of ranks 2 and 3 (1-based); rank 1 has 1
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, make_hf_model, random_batch, rel_error, to_ours
-from fellrec_jax import lora, model
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
+from fellrec_jax.model import split
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_LORA = lora.LoraConfig(dropout=0.0)
@@ -90,7 +92,7 @@ def test_hf_logits_tool(tmp_path):
 
 def test_split_point_must_leave_the_last_layer_on_the_client(tiny):
   _, cfg, _ = tiny
-  model.check_split(cfg, 0)
-  model.check_split(cfg, cfg.num_layers - 1)
+  split.check_split(cfg, 0)
+  split.check_split(cfg, cfg.num_layers - 1)
   with pytest.raises(ValueError, match="split_k=3 is impossible"):
-    model.check_split(cfg, cfg.num_layers)
+    split.check_split(cfg, cfg.num_layers)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from fellrec_jax import partition, synthetic
-from fellrec_jax.dataset import Dataset
-from fellrec_jax.records import INPUT_END, make_record
+from fellrec_jax.data import partition
+from fellrec_jax.data import synthetic
+from fellrec_jax.data.dataset import Dataset
+from fellrec_jax.data.records import INPUT_END, make_record
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fellrec_jax import metrics, plots
+from fellrec_jax.evaluation import metrics
+from fellrec_jax.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

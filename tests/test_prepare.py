@@ -1,4 +1,4 @@
-"""SPEC §6 construction on hand-made tables; expected values derived by hand in the comments."""
+"""docs/method.md §6 construction on hand-made tables; expected values derived by hand in the comments."""
 
 import gzip
 import importlib.util
@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fellrec_jax.dataset import load_dataset
-from fellrec_jax.prepare import (GAMES_INPUT_PHRASE, GAMES_INSTRUCTION, Construction, build_dataset,
+from fellrec_jax.data.dataset import load_dataset
+from fellrec_jax.data.prepare import (GAMES_INPUT_PHRASE, GAMES_INSTRUCTION, Construction, build_dataset,
                                  prepare_from_amazon, prepare_from_tables, temporal_split)
-from fellrec_jax.records import INPUT_END, make_record, parse_record
+from fellrec_jax.data.records import INPUT_END, make_record, parse_record
 
 # Interactions in input order (row: user, item, time). Item "X" has no title; "Z" is titled "E" like
 # item "E" (one item); (1, A) repeats and keeps its last time (55) and its first position (row 0).
@@ -204,7 +204,7 @@ def test_k_core_result_satisfies_k(k):
 
 
 def test_user_samples_with_window_crossing_train_and_valid():
-  from fellrec_jax.prepare import user_sample_titles
+  from fellrec_jax.data.prepare import user_sample_titles
   train = list("abcdefghijkl")  # 12 train items
   samples, counts = user_sample_titles(train, ["V", "W"], ["X", "Y"], window=10)
   assert samples["train"] == [(list("abcdefghij"), ["k"]), (list("bcdefghijk"), ["l"])]

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from fellrec_jax import model, pretrain, tokenizer
-from fellrec_jax.records import parse_titles
+from fellrec_jax.model import llama as model
+from fellrec_jax.run import pretrain
+from fellrec_jax.data import tokenizer
+from fellrec_jax.data.records import parse_titles
 
 TITLES = [f"Series {chr(65 + i % 7)} {1 + i // 7} - Platform {i % 3}" for i in range(21)]
 
@@ -39,6 +41,6 @@ def test_pretraining_learns_and_is_reused_by_fingerprint(bpe, tmp_path):
   stamp = (out / "model.safetensors").stat().st_mtime_ns
   _, again = pretrain.load_or_pretrain(out, cfg, bpe, TITLES, **{**settings, "steps": 3})
   assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
-  np.testing.assert_array_equal(first["embed"], again["embed"])
+  np.testing.assert_array_equal(first["embed_tokens"]["embedding"], again["embed_tokens"]["embedding"])
   pretrain.load_or_pretrain(out, cfg, bpe, TITLES, **{**settings, "steps": 4})
   assert (out / "model.safetensors").stat().st_mtime_ns != stamp  # other settings: pretrained again

@@ -1,13 +1,13 @@
-"""The trained tokenizer and the prompt encoding (SPEC §1)."""
+"""The trained tokenizer and the prompt encoding (docs/method.md §1)."""
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from fellrec_jax import prompts
-from fellrec_jax.dataset import Dataset
-from fellrec_jax.records import INPUT_END, make_record, with_history
-from fellrec_jax.tokenizer import (SPECIAL_TOKENS, load_or_train_tokenizer, load_tokenizer, pad_id,
+from fellrec_jax.data import prompts
+from fellrec_jax.data.dataset import Dataset
+from fellrec_jax.data.records import INPUT_END, make_record, with_history
+from fellrec_jax.data.tokenizer import (SPECIAL_TOKENS, load_or_train_tokenizer, load_tokenizer, pad_id,
                                    titles_not_round_tripping, train_bpe_tokenizer, training_texts)
 
 INSTRUCTION = "Given a list of video games the user has played before, please recommend a new game."

@@ -9,9 +9,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import TINY_CONFIGS, make_hf_model, to_ours
-from fellrec_jax import generation, likelihood, lora, recommend
-from fellrec_jax import model as model_lib
-from fellrec_jax import trie as trie_lib
+from fellrec_jax.model import generation
+from fellrec_jax.evaluation import likelihood
+from fellrec_jax.model import lora
+from fellrec_jax.evaluation import recommend
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import trie as trie_lib
 from test_lora import randomize
 
 TITLES = ["Halo 3 - Xbox 360", "Halo 3: ODST - Xbox 360", "Super Mario Odyssey - Nintendo Switch",
@@ -22,7 +25,7 @@ LCFG = lora.LoraConfig(rank=4, dropout=0.0)
 
 
 def prompt_text(history):
-  """A short Alpaca-like prompt that ends, like SPEC §1's, with "### Response:\\n"."""
+  """A short Alpaca-like prompt that ends, like docs/method.md §1's, with "### Response:\\n"."""
   return "### Input:\nThe user played " + ", ".join(f'"{t}"' for t in history) + "\n\n### Response:\n"
 
 
@@ -156,12 +159,12 @@ def test_constrained_beam_search_equals_transformers(shop):
 def biased_toward(params, cfg, tokens):
   """Params whose logits favour `tokens` at every position: a constant, dominant residual direction
   (embedding dimension 0) read out by the head only for those tokens."""
-  embed = np.array(params["embed"])
+  embed = np.array(params["embed_tokens"]["embedding"])
   embed[:, 0] += 50.0
   head = np.array(model_lib.head_weight(params))
   head[0] = 0.0
   head[0, tokens] = 5.0
-  return dict(params, embed=embed, lm_head=head)
+  return dict(params, embed_tokens={"embedding": embed}, lm_head={"kernel": head})
 
 
 def test_constrained_search_follows_a_biased_model(shop):

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fellrec_jax import grounding, lora, metrics, recommend
+from fellrec_jax.evaluation import grounding
+from fellrec_jax.model import lora
+from fellrec_jax.evaluation import metrics
+from fellrec_jax.evaluation import recommend
 from test_lora import randomize
 from test_ranking import LCFG, TITLES, shop  # noqa: F401  (shop is a fixture)
 

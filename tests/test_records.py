@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fellrec_jax.dataset import Dataset, load_dataset, save_dataset
-from fellrec_jax.records import (DataError, Record, format_titles, load_records, make_record,
+from fellrec_jax.data.dataset import Dataset, load_dataset, save_dataset
+from fellrec_jax.data.records import (DataError, Record, format_titles, load_records, make_record,
                                  parse_record, parse_titles, save_records, with_history)
 
 GAMES = Path(__file__).resolve().parents[1].parent / "shared/data/games_bigrec"

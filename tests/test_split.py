@@ -1,4 +1,4 @@
-"""The split of SPEC §3: front∘middle∘back equals the full forward, for values and adapter gradients."""
+"""The split of docs/method.md §3: front∘middle∘back equals the full forward, for values and adapter gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import random_batch
-from fellrec_jax import lora, model
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
 from test_lora import randomize
 
 LCFG = lora.LoraConfig(rank=4, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
@@ -63,5 +64,5 @@ def test_each_part_touches_only_its_layers(four_layers):
   }
   for name, (fn, layers) in parts.items():
     grads = jax.grad(fn)(adapters)
-    touched = {l for l in range(cfg.num_layers) if float(jnp.abs(grads["q_proj"]["b"][l]).max()) > 0}
+    touched = {l for l in range(cfg.num_layers) if float(jnp.abs(grads["layers"]["self_attn"]["q_proj"]["lora_b"][l]).max()) > 0}
     assert touched == layers, name

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fellrec_jax import federated, lora, model, optimizer, split_learning, stream
+from fellrec_jax.federated import rounds as federated
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
+from fellrec_jax.federated import optimizer
+from fellrec_jax.federated import split_learning
+from fellrec_jax.federated import stream
 
 CFG = model.LlamaConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                         num_kv_heads=2, head_dim=8, initializer_range=0.1)

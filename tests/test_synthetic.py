@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from configs.data import get_data_config
-from fellrec_jax import synthetic
-from fellrec_jax.dataset import Dataset
-from fellrec_jax.records import INPUT_END, make_record, parse_record
+from fellrec_jax.data import synthetic
+from fellrec_jax.data.dataset import Dataset
+from fellrec_jax.data.records import INPUT_END, make_record, parse_record
 
 SMALL = dict(num_users=80, num_series=16)
 

@@ -2,7 +2,7 @@
 
   python tools/bench_ranking.py [--items 1000] [--prompts 64] [--games ../shared/data/games_bigrec]
 
-Synthetic by default: `--items` made-up titles and `--prompts` prompts of SPEC §1's template with 10
+Synthetic by default: `--items` made-up titles and `--prompts` prompts of docs/method.md §1's template with 10
 history titles each. With --games, the catalog is every title in the directory's records and the prompts
 are the first `--prompts` test records. A byte-level BPE is trained on the catalog and the template; the
 model is random (init_params), so generation runs to --max_new_tokens (the worst case). Each mode is
@@ -19,8 +19,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fellrec_jax import lora, recommend
-from fellrec_jax import model as model_lib
+from fellrec_jax.model import lora
+from fellrec_jax.evaluation import recommend
+from fellrec_jax.model import llama as model_lib
 
 HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n")

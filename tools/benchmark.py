@@ -18,7 +18,7 @@ warm-up (it includes our compilation), then --reps rounds are timed and the medi
 CPU in alternating blocks of --block rounds, each turn starting with --rewarm untimed rounds).
 
 Counted: samples = training examples processed per round; tokens = their real (non-pad) tokens, prefix
-included; model FLOPs per sample = fellrec_jax.flops.training_flops of the plain computation (see there
+included; model FLOPs per sample = fellrec_jax.analysis.flops.training_flops of the plain computation (see there
 for how attention is counted); MFU = samples/s x FLOPs/sample / the matmul peak measured in this run.
 The first round's per-client mean training losses of both sides are printed: they agree when the work
 is the same (weights are shared when --share_weights).
@@ -117,21 +117,23 @@ def default_steps(clients: int) -> int:
 
 def load_records(data_dir: Path, workdir: Path):
   """The Games dataset if present, else the synthetic one (noted in the results)."""
-  from fellrec_jax.dataset import load_dataset
+  from fellrec_jax.data.dataset import load_dataset
   if (data_dir / "train.json").is_file():
     return load_dataset(data_dir), str(data_dir)
   from configs import data as data_config
-  from fellrec_jax import synthetic
+  from fellrec_jax.data import synthetic
   print(f"note: {data_dir}/train.json not found: using the synthetic dataset", flush=True)
   return synthetic.generate(data_config.get_synthetic_config()), "synthetic"
 
 
 def prepare(args, workdir: Path) -> dict:
   """Tokenizer, encoded examples, model config (and checkpoint), initial adapters: files in workdir."""
-  from fellrec_jax import batching, hf_interop, prompts
-  from fellrec_jax import lora as lora_lib
-  from fellrec_jax import model as model_lib
-  from fellrec_jax import tokenizer as tok_lib
+  from fellrec_jax.data import batching
+  from fellrec_jax.model import hf_interop
+  from fellrec_jax.data import prompts
+  from fellrec_jax.model import lora as lora_lib
+  from fellrec_jax.model import llama as model_lib
+  from fellrec_jax.data import tokenizer as tok_lib
   preset = dict(PRESETS[args.preset])
   dtype = args.dtype or preset.pop("dtype")
   preset.pop("dtype", None)
@@ -148,7 +150,7 @@ def prepare(args, workdir: Path) -> dict:
                               pad_token_id=tok_lib.pad_id(tokenizer), dtype=dtype, **preset)
   lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
   hf_dir = workdir / "hf"
-  from fellrec_jax import flops as flops_lib
+  from fellrec_jax.analysis import flops as flops_lib
   share = args.share_weights == "yes" or (args.share_weights == "auto" and flops_lib.total_parameters(cfg) < 2e8)
   if share:
     import jax
@@ -160,7 +162,7 @@ def prepare(args, workdir: Path) -> dict:
   ids = np.concatenate([e[0] for e in examples]).astype(np.int32)
   offsets = np.cumsum([0] + [len(e[0]) for e in examples])
   np.savez(workdir / "data.npz", ids=ids, offsets=offsets, prefix_ids=prefix_ids, prefix_mask=prefix_mask,
-           **{f"lora.{n}.{w}": v for n, ab in adapters.items() for w, v in ab.items()})
+           **{"lora/" + "/".join(path): v for path, v in _flat_items(adapters)})
   return {"source": source, "hf_dir": str(hf_dir), "shared_weights": bool(share), "dtype": dtype,
           "split_k": split_k, "config": {k: getattr(cfg, k) for k in (
               "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -170,22 +172,30 @@ def prepare(args, workdir: Path) -> dict:
           "pad_id": int(tok_lib.pad_id(tokenizer)), "parameters": flops_lib.total_parameters(cfg)}
 
 
+def _flat_items(tree: dict, path=()):
+  """(path, leaf) of a nested dict."""
+  for key, value in tree.items():
+    yield from _flat_items(value, path + (key,)) if isinstance(value, dict) else [(path + (key,), value)]
+
+
 def initial_adapters(cfg, lcfg, seed: int) -> dict:
-  """PEFT's initialisation (a ~ U(+-1/sqrt(in)), b = 0) as numpy, [L, in, r] and [L, r, out]."""
-  from fellrec_jax import lora as lora_lib
+  """PEFT's initialisation (lora_a ~ U(+-1/sqrt(in)), lora_b = 0) as a numpy adapter state, [L, in, r] and
+  [L, r, out]."""
+  from fellrec_jax.model import lora as lora_lib
   rs = np.random.default_rng([seed, 11])
-  adapters = {}
+  layers = {}
   for name in lcfg.targets:
     fan_in, fan_out = lora_lib.projection_shapes(cfg)[name]
     bound = 1.0 / np.sqrt(fan_in)
-    adapters[name] = {"a": rs.uniform(-bound, bound, (cfg.num_layers, fan_in, lcfg.rank)).astype(np.float32),
-                      "b": np.zeros((cfg.num_layers, lcfg.rank, fan_out), np.float32)}
-  return adapters
+    layers.setdefault(lora_lib.block_of(name), {})[name] = {
+        "lora_a": rs.uniform(-bound, bound, (cfg.num_layers, fan_in, lcfg.rank)).astype(np.float32),
+        "lora_b": np.zeros((cfg.num_layers, lcfg.rank, fan_out), np.float32)}
+  return {"layers": layers}
 
 
 def client_steps(args, num_records: int, prefix_len: int, clients: int, steps: int, examples):
   """Examples of each client (consecutive records, wrapping around) and its steps (the plan's shuffle)."""
-  from fellrec_jax import batching
+  from fellrec_jax.data import batching
   per_client = steps * args.batch_size
   assignment = [[(c * per_client + i) % num_records for i in range(per_client)] for c in range(clients)]
   client_examples = [[examples[i] for i in a] for a in assignment]
@@ -202,9 +212,12 @@ def load_examples(workdir: Path):
   examples = [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
   adapters = {}
   for key in data.files:
-    if key.startswith("lora."):
-      _, name, w = key.split(".")
-      adapters.setdefault(name, {})[w] = data[key]
+    if key.startswith("lora/"):
+      *modules, leaf = key.split("/")[1:]
+      node = adapters
+      for module in modules:
+        node = node.setdefault(module, {})
+      node[leaf] = data[key]
   return examples, data["prefix_ids"], data["prefix_mask"], adapters
 
 
@@ -270,9 +283,13 @@ def jax_side(spec: dict):
   """(one_round, summary) of our side: one call of federated.local_round per round."""
   import jax
   import jax.numpy as jnp
-  from fellrec_jax import batching, federated, hf_interop, optimizer, split_learning
-  from fellrec_jax import lora as lora_lib
-  from fellrec_jax import model as model_lib
+  from fellrec_jax.data import batching
+  from fellrec_jax.federated import rounds as federated
+  from fellrec_jax.model import hf_interop
+  from fellrec_jax.federated import optimizer
+  from fellrec_jax.federated import split_learning
+  from fellrec_jax.model import lora as lora_lib
+  from fellrec_jax.model import llama as model_lib
   workdir = Path(spec["workdir"])
   examples, prefix_ids, prefix_mask, init = load_examples(workdir)
   cfg = hf_interop.load_config(spec["hf_dir"], dtype=spec["dtype"])
@@ -299,7 +316,7 @@ def jax_side(spec: dict):
   devices = spec.get("devices", 1)
   put = lambda tree: tree
   if devices > 1:
-    from fellrec_jax import sharding
+    from fellrec_jax.federated import sharding
     mesh = sharding.make_mesh(clients=devices)
     put = lambda tree: sharding.put_clients(tree, mesh)
     base, batches = sharding.replicate(base, mesh), put(batches)
@@ -334,8 +351,9 @@ def jax_side(spec: dict):
 def executed_flops(plan, batches, lc, lanes: int, states) -> dict:
   """The FLOPs our round executes, in the layout local_round chose for client states placed as `states`:
   streamed (on one device, or on each device of a client mesh), or packed rows per client."""
-  from fellrec_jax import federated, stream
-  from fellrec_jax import flops as flops_lib
+  from fellrec_jax.federated import rounds as federated
+  from fellrec_jax.federated import stream
+  from fellrec_jax.analysis import flops as flops_lib
   cfg, lcfg = lc.split.model, lc.split.lora
   streamed = federated.streams(lc, states, bool(lanes))
   mesh = federated.client_mesh(states) if streamed else None
@@ -433,7 +451,7 @@ def torch_side(spec: dict):
 
 
 def _peft_lora_params(model) -> dict:
-  """{(layer, projection, 'a'|'b'): parameter} of a PEFT LlamaForCausalLM."""
+  """{(layer, projection, 'lora_a'|'lora_b'): parameter} of a PEFT LlamaForCausalLM."""
   params = {}
   for name, param in model.named_parameters():
     if "lora_" not in name:
@@ -441,14 +459,15 @@ def _peft_lora_params(model) -> dict:
     parts = name.split(".")
     layer = int(parts[parts.index("layers") + 1])
     projection = next(p for p in parts if p.endswith("_proj"))
-    params[(layer, projection, "a" if "lora_A" in name else "b")] = param
+    params[(layer, projection, "lora_a" if "lora_A" in name else "lora_b")] = param
   return params
 
 
 def _peft_value(init: dict, key) -> np.ndarray:
   """Our [in, r] / [r, out] adapter of one layer as PEFT's [r, in] / [out, r] weight."""
+  from fellrec_jax.model import lora as lora_lib
   layer, projection, which = key
-  return np.ascontiguousarray(init[projection][which][layer].T)
+  return np.ascontiguousarray(lora_lib.projection_adapters(init)[projection][which][layer].T)
 
 
 def _collate(examples, indices, pad_id: int, dev: str) -> dict:
@@ -608,9 +627,9 @@ def summarize(side: dict, samples: int, tokens: int, flops_per_sample: float, pe
 
 
 def case_figures(args, info: dict, assignment, step_examples, examples, plan) -> dict:
-  from fellrec_jax import flops as flops_lib
-  from fellrec_jax import hf_interop
-  from fellrec_jax import lora as lora_lib
+  from fellrec_jax.analysis import flops as flops_lib
+  from fellrec_jax.model import hf_interop
+  from fellrec_jax.model import lora as lora_lib
   cfg = hf_interop.load_config(info["hf_dir"], dtype=info["dtype"])
   lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=tuple(info["lora"]["targets"]))
   lengths = [len(examples[i]) for a in assignment for i in a]

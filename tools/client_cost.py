@@ -1,4 +1,4 @@
-"""What one client costs against the split point k: a table and a plot (fellrec_jax/client_cost.py).
+"""What one client costs against the split point k: a table and a plot (fellrec_jax/analysis/client_cost.py).
 
   python tools/client_cost.py --preset cpu --out_dir /tmp/cc_cpu
   python tools/client_cost.py --preset llama7b --ks 1,8,16,20,31 --out_dir /tmp/cc_7b
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import jax  # noqa: E402
 
-from fellrec_jax import client_cost  # noqa: E402
-from fellrec_jax import lora as lora_lib  # noqa: E402
-from fellrec_jax import model as model_lib  # noqa: E402
+from fellrec_jax.analysis import client_cost
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import llama as model_lib
 
 PRESETS = {
     # tools/benchmark.py's CPU case: GQA (4 query heads, 2 key/value heads), SwiGLU width 688.
@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 def model_config(args) -> model_lib.LlamaConfig:
   if args.hf_dir:
-    from fellrec_jax import hf_interop  # imports transformers: only when needed
+    from fellrec_jax.model import hf_interop
     return hf_interop.load_config(args.hf_dir, dtype=args.dtype or "float32")
   cfg = model_lib.LlamaConfig(**PRESETS[args.preset])
   return cfg.replace(dtype=args.dtype) if args.dtype else cfg

@@ -16,7 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fellrec_jax import hf_interop, lora, model  # noqa: E402
+from fellrec_jax.model import hf_interop
+from fellrec_jax.model import lora
+from fellrec_jax.model import llama as model
 
 
 def parse_args(argv):

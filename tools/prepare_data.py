@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from fellrec_jax import prepare  # noqa: E402
-from fellrec_jax.dataset import save_dataset  # noqa: E402
-from fellrec_jax.records import DataError  # noqa: E402
+from fellrec_jax.data import prepare
+from fellrec_jax.data.dataset import save_dataset  # noqa: E402
+from fellrec_jax.data.records import DataError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   columns.add_argument("--items_item_col", default="item_id", help="item column of the item table")
   columns.add_argument("--title_col", default="title")
   default = prepare.Construction()
-  build = parser.add_argument_group("construction (SPEC §6)")
+  build = parser.add_argument_group("construction (docs/method.md §6)")
   build.add_argument("--k_core", type=int, default=default.k_core)
   build.add_argument("--window", type=int, default=default.window, help="history length")
   build.add_argument("--split_fraction", type=float, default=default.split_fraction,

@@ -24,24 +24,20 @@ import jax.numpy as jnp
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fellrec_jax import flops
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import loss as loss_lib
-from fellrec_jax import model as model_lib
-from fellrec_jax import split_learning
+from fellrec_jax.analysis import flops
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import loss as loss_lib
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import split as split_lib
+from fellrec_jax.federated import split_learning
 
 FLOAT32_BYTES = 4
 LORA_STATE_COPIES = 4  # the adapters, AdamW's two moments and the gradients, all float32
 
 
-def client_config(cfg: model_lib.LlamaConfig, k: int) -> model_lib.LlamaConfig:
-  """The client's model as a stack of k+1 layers: layers [0, k) then layer L-1 (at index k = its L-1)."""
-  return cfg.replace(num_layers=k + 1)
-
-
 def client_abstract_state(cfg, lcfg, k: int, param_dtype):
   """(base, adapters) of the client as ShapeDtypeStructs: no memory is allocated."""
-  ccfg = client_config(cfg, k)
+  ccfg = split_lib.client_config(cfg, k)
   key = jax.random.key(0)
   base = jax.eval_shape(functools.partial(model_lib.init_params, ccfg, param_dtype=param_dtype), key)
   adapters = jax.eval_shape(functools.partial(lora_lib.init_adapters, ccfg, lcfg), key)
@@ -62,10 +58,10 @@ def client_step(base, adapters, inputs, loss_mask, h_last, dh_k, cfg, lcfg, k: i
   activations stay alive through back, as in a deployment. With no server layers (k = L-1), h_last = h_k
   and dL/dh_k = dL/dh_last, and `h_last`, `dh_k` are ignored. Returns (h_k, dL/dh_last, loss sum, grads).
   """
-  ccfg = client_config(cfg, k)
+  ccfg = split_lib.client_config(cfg, k)
   no_prefix_mask = jnp.zeros((0,), jnp.float32)
   h_k, front_vjp = jax.vjp(lambda a: model_lib.front(base, a, inputs, ccfg, lcfg, k, None, remat), adapters)
-  server = k < cfg.num_layers - 1
+  server = split_lib.has_server_layers(cfg, k)
   h_k, h_last = jax.lax.optimization_barrier((h_k, h_last)) if server else (h_k, h_k)
 
   def back_loss(a, h):
@@ -101,7 +97,7 @@ def client_memory(cfg, lcfg, k: int, batch_size: int, seq_len: int, param_dtype=
   loss_mask = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)
   hidden = model_lib.Activations(jax.ShapeDtypeStruct((batch_size, seq_len, cfg.hidden_size), cfg.compute_dtype),
                                  jax.ShapeDtypeStruct((0, cfg.hidden_size), cfg.compute_dtype))
-  server = k < cfg.num_layers - 1
+  server = split_lib.has_server_layers(cfg, k)
   received = (hidden, hidden) if server else (None, None)
   step = functools.partial(client_step, cfg=cfg, lcfg=lcfg, k=k, loss_chunk=loss_chunk, remat=remat)
   stats = jax.jit(step).lower(base, adapters, inputs, loss_mask, *received).compile().memory_analysis()
@@ -128,9 +124,9 @@ def boundary_bytes_per_sample(cfg, lcfg, k: int, tokens: int) -> int:
 def client_cost(cfg, lcfg, k: int, batch_size: int, seq_len: int, tokens_per_sample: int | None = None,
                 param_dtype=None, loss_chunk: int = 0, remat: bool = False) -> dict:
   """One row of the table: the client's (and the server's) cost at split point k; see the module doc."""
-  model_lib.check_split(cfg, k)
+  split_lib.check_split(cfg, k)
   n = seq_len if tokens_per_sample is None else tokens_per_sample
-  L = cfg.num_layers
+  server_layers = split_lib.num_server_layers(cfg, k)
   counts = flops.client_parameters(cfg, lcfg, k)
   layer_base = flops.base_parameter_counts(cfg)["layer"]
   layer_lora = flops.lora_parameters_per_layer(cfg, lcfg)
@@ -139,7 +135,7 @@ def client_cost(cfg, lcfg, k: int, batch_size: int, seq_len: int, tokens_per_sam
   held = held_bytes(cfg, lcfg, k, param_dtype)
   memory = client_memory(cfg, lcfg, k, batch_size, seq_len, param_dtype, loss_chunk, remat)
   return {
-      "k": k, "client_layers": flops.client_layers(cfg, k), "server_layers": L - 1 - k,
+      "k": k, "client_layers": split_lib.num_client_layers(cfg, k), "server_layers": server_layers,
       "client_base_params": counts["base"], "client_lora_params": counts["lora"],
       "client_params": counts["base"] + counts["lora"],
       "client_base_share": counts["base"] / flops.total_parameters(cfg),
@@ -149,8 +145,8 @@ def client_cost(cfg, lcfg, k: int, batch_size: int, seq_len: int, tokens_per_sam
       "client_peak_bytes": memory["peak"], "client_argument_bytes": memory["argument"],
       "client_output_bytes": memory["output"], "client_temp_bytes": memory["temp"],
       "boundary_bytes_per_sample": boundary_bytes_per_sample(cfg, lcfg, k, n),
-      "server_base_params": (L - 1 - k) * layer_base, "server_lora_params": (L - 1 - k) * layer_lora,
-      "server_flops_per_sample": flops.training_flops(cfg, lcfg, n, layers=L - 1 - k, head=False),
+      "server_base_params": server_layers * layer_base, "server_lora_params": server_layers * layer_lora,
+      "server_flops_per_sample": flops.training_flops(cfg, lcfg, n, layers=server_layers, head=False),
       "total_flops_per_sample": total_flops,
       "batch_size": batch_size, "seq_len": seq_len, "tokens_per_sample": n,
   }

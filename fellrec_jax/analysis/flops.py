@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fellrec_jax import lora as lora_lib
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import split as split_lib
 
 
 class LayerFlops(NamedTuple):
@@ -56,14 +57,9 @@ def forward_flops(cfg, lcfg, n: int, layers: int | None = None, head: bool = Tru
   return layers * layer_flops(cfg, lcfg, n).forward() + (head_flops(cfg, n) if head else 0)
 
 
-def client_layers(cfg, k: int) -> int:
-  """Decoder layers a client runs with split point k: [0, k) and L-1."""
-  return k + 1
-
-
 def client_training_flops(cfg, lcfg, n: int, k: int) -> int:
   """A client's share of one example's training FLOPs: its layers and the head."""
-  return training_flops(cfg, lcfg, n, layers=client_layers(cfg, k), head=True)
+  return training_flops(cfg, lcfg, n, layers=split_lib.num_client_layers(cfg, k), head=True)
 
 
 def base_parameter_counts(cfg) -> dict[str, int]:
@@ -87,7 +83,7 @@ def lora_parameters_per_layer(cfg, lcfg: lora_lib.LoraConfig) -> int:
 def client_parameters(cfg, lcfg, k: int) -> dict[str, int]:
   """Parameters a client holds with split point k (base: embeddings, its layers, norm, head; LoRA)."""
   counts = base_parameter_counts(cfg)
-  layers = client_layers(cfg, k)
+  layers = split_lib.num_client_layers(cfg, k)
   base = counts["embed"] + layers * counts["layer"] + counts["norm"] + counts["head"]
   return {"base": base, "lora": layers * lora_parameters_per_layer(cfg, lcfg)}
 

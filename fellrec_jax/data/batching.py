@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from fellrec_jax.records import DataError
+from fellrec_jax.data.records import DataError
 
 Example = tuple[np.ndarray, np.ndarray]
 PROGRESS_MIN_CLIENTS = 200  # packing fewer clients takes well under a second: no bar  # (ids int32 [L], loss_mask float32 [L])

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from fellrec_jax.records import DataError, Record, load_records, parse_record, save_records
+from fellrec_jax.data.records import DataError, Record, load_records, parse_record, save_records
 
 SPLITS = ("train", "valid", "test")
 CATALOG_FILE = "items.json"
@@ -77,7 +77,7 @@ def derive_catalog(splits: Mapping[str, Sequence[Record]]) -> tuple[str, ...]:
 def derive_histories(splits: Mapping[str, Sequence[Record]],
                      item_id: Mapping[str, int]) -> dict[int, tuple[int, ...]]:
   """Per user: item ids of the inputs and outputs of its train+valid records and the inputs of its
-  test records (a test input is the last 10 train+valid items, SPEC §6), in order of first appearance.
+  test records (a test input is the last 10 train+valid items, docs/method.md §6), in order of first appearance.
 
   Sampled BIGRec files hold only part of each sequence, so this is the best history they allow; test
   outputs are never included.

@@ -1,4 +1,4 @@
-"""Users to clients (SPEC §2): KMeans over MF user embeddings, random, Dirichlet skew, one per user.
+"""Users to clients (docs/method.md §2): KMeans over MF user embeddings, random, Dirichlet skew, one per user.
 
 Every method returns {user: client} over `dataset.users` (users with a record in any split), clients
 numbered 0..C-1, each with at least one user. All are deterministic given the seed.
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fellrec_jax.dataset import SPLITS, Dataset
-from fellrec_jax.records import parse_record
+from fellrec_jax.data.dataset import SPLITS, Dataset
+from fellrec_jax.data.records import parse_record
 
 METHODS = ("kmeans_mf", "random", "dirichlet", "per_user")
 

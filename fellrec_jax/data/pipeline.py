@@ -14,10 +14,13 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from fellrec_jax import batching, partition, prompts, synthetic
-from fellrec_jax.dataset import Dataset, load_dataset, save_dataset
-from fellrec_jax.records import DataError, Record, parse_record
-from fellrec_jax.tokenizer import load_or_train_tokenizer, pad_id, titles_not_round_tripping
+from fellrec_jax.data import batching
+from fellrec_jax.data import partition
+from fellrec_jax.data import prompts
+from fellrec_jax.data import synthetic
+from fellrec_jax.data.dataset import Dataset, load_dataset, save_dataset
+from fellrec_jax.data.records import DataError, Record, parse_record
+from fellrec_jax.data.tokenizer import load_or_train_tokenizer, pad_id, titles_not_round_tripping
 
 logger = logging.getLogger(__name__)
 PROGRESS_MIN_RECORDS = 1000  # below this, encoding takes well under a second: no bar

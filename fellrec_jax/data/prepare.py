@@ -1,7 +1,7 @@
-"""SPEC §6 dataset construction: interaction and item tables (or raw Amazon 2018 files) to a Dataset.
+"""docs/method.md §6 dataset construction: interaction and item tables (or raw Amazon 2018 files) to a Dataset.
 
 `build_dataset` is the one code path for every source: generic tables, Amazon files and the synthetic
-generator. Steps (SPEC §6, "Dataset construction"):
+generator. Steps (docs/method.md §6, "Dataset construction"):
   1. keep interactions whose item has a usable title; a repeated (user, item) pair keeps the timestamp of
      its last occurrence and the input position of its first (as the reference's dict update does);
   2. iterative k-core on users and items;
@@ -25,8 +25,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from fellrec_jax.dataset import Dataset
-from fellrec_jax.records import INPUT_END, DataError, format_titles, make_record
+from fellrec_jax.data.dataset import Dataset
+from fellrec_jax.data.records import INPUT_END, DataError, format_titles, make_record
 
 GAMES_INSTRUCTION = ("Given a list of video games the user has played before, please recommend a new "
                      "video game that the user likes to the user.")
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Construction:
-  """Settings of the SPEC §6 construction; the defaults are the reference's (Games wording)."""
+  """Settings of the docs/method.md §6 construction; the defaults are the reference's (Games wording)."""
   k_core: int = 5
   window: int = 10
   split_fraction: float = 0.1
@@ -156,7 +156,7 @@ def _user_ids(users: pd.Series) -> tuple[dict, dict | None]:
 
 
 def _samples(table: pd.DataFrame, catalog, construction: Construction, stats: dict):
-  """SPEC §6 steps 4-7, per user in ascending id order, each user's items ordered by (time, input)."""
+  """docs/method.md §6 steps 4-7, per user in ascending id order, each user's items ordered by (time, input)."""
   item_id = {title: i for i, title in enumerate(catalog)}
   table = table.sort_values(["user", "timestamp", "position"], kind="stable")
   splits = {"train": [], "valid": [], "test": []}

@@ -1,4 +1,4 @@
-"""The Alpaca prompt of SPEC §1 (one template for training and inference) and its token encoding.
+"""The Alpaca prompt of docs/method.md §1 (one template for training and inference) and its token encoding.
 
 An encoded example is BOS + tokens(prompt + output) + EOS, tokenized in one call as BIGRec does, with a
 loss mask: mask[t] = 1 when token t is a label (predicted from position t - 1). Token 0 never is.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fellrec_jax.records import DataError, Record, parse_record, with_history
+from fellrec_jax.data.records import DataError, Record, parse_record, with_history
 
 HEADER = ("Below is an instruction that describes a task, paired with an input that provides further "
           "context. Write a response that appropriately completes the request.\n\n")

@@ -4,7 +4,7 @@ Catalog: game series (an adjective + a genre noun) with numbered installments re
 one console family, plus accessories. Users belong to taste groups of Zipf-skewed sizes; a group likes
 two genres and one platform family, and has its own sequential habit: how often a user moves to the
 next installment of the series just played, or to another game of its genre. Each user gets timestamps
-on one global clock, and the interactions go through the same SPEC §6 construction as real tables
+on one global clock, and the interactions go through the same docs/method.md §6 construction as real tables
 (prepare.build_dataset: k-core, global temporal split, window, multi-target test).
 `baseline_signal` measures what is learnable: item-to-item transitions vs popularity on the test split.
 """
@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from fellrec_jax.dataset import Dataset
-from fellrec_jax.prepare import Construction, build_dataset
-from fellrec_jax.records import parse_record
+from fellrec_jax.data.dataset import Dataset
+from fellrec_jax.data.prepare import Construction, build_dataset
+from fellrec_jax.data.records import parse_record
 
 GENRE_NOUNS = {
     "Racing": ["Racers", "Rally", "Drift", "Speedway", "Motors"],
@@ -200,7 +200,7 @@ def _draw(rng, weights: np.ndarray, seen: np.ndarray) -> int:
 
 def baseline_signal(dataset: Dataset, k: int = 10) -> dict[str, dict[str, float]]:
   """Recall@k and NDCG@k on the test split of popularity and of last-item transition counts, both
-  fitted on the train+valid histories, both excluding the user's history items (SPEC §5)."""
+  fitted on the train+valid histories, both excluding the user's history items (docs/method.md §5)."""
   num_items = len(dataset.catalog)
   popularity = np.zeros(num_items)
   transitions = np.zeros((num_items, num_items))

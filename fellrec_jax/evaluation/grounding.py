@@ -1,4 +1,4 @@
-"""BIGRec grounding (SPEC §5.2): embed titles and predictions with the base model, rank items by L2 distance.
+"""BIGRec grounding (docs/method.md §5.2): embed titles and predictions with the base model, rank items by L2 distance.
 
 An embedding is the last-layer hidden state of a text's last token, with the base model (no adapters).
 BIGRec takes `model(**tok, output_hidden_states=True).hidden_states[-1][:, -1, :]` on a left-padded batch;
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import model as model_lib
-from fellrec_jax import topk as topk_lib
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.evaluation import topk as topk_lib
 
 _NO_LORA = lora_lib.LoraConfig()  # embeddings use the base model: no adapter is ever applied
 

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fellrec_jax import generation
-from fellrec_jax import grounding
-from fellrec_jax import model as model_lib
-from fellrec_jax import topk as topk_lib
+from fellrec_jax.model import generation
+from fellrec_jax.evaluation import grounding
+from fellrec_jax.model import kernels
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.evaluation import topk as topk_lib
 
 
 def _attend_prompt_and_title(q_PxBxTxKxGxH, prompt_k_PxSxKxH, prompt_v_PxSxKxH, prompt_valid_PxS, k_PxBxTxKxH,
@@ -28,7 +29,7 @@ def _attend_prompt_and_title(q_PxBxTxKxGxH, prompt_k_PxSxKxH, prompt_v_PxSxKxH, 
   """Attention of title tokens over their prompt's cache (shared by the B titles) and their own tokens.
 
   The prompt part is one matmul per (prompt, kv head) over all the titles' queries, which is what makes
-  sharing the cache cheap. Scores in the compute dtype, softmax statistics in float32 (as model.attend);
+  sharing the cache cheap. Scores in the compute dtype, softmax statistics in float32 (as kernels.attend);
   the normalisation is applied after the value product.
   """
   P, B, T, K, G, H = q_PxBxTxKxGxH.shape
@@ -58,23 +59,22 @@ def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_lo
   """
   B, T = titles_BxT.shape
   positions_PxT = next_pos_P[:, None] + jnp.arange(T)[None]
-  cos, sin = model_lib.rope_tables(positions_PxT, cfg)
+  cos, sin = kernels.rope_tables(positions_PxT, cfg)
   cos, sin = cos[:, None], sin[:, None]  # [P, 1, T, Dh]: the same rotation for every title of a prompt
   valid_BxT = jnp.arange(T)[None] < lengths_B[:, None]
   causal_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
-  x = base["embed"][titles_BxT].astype(cfg.compute_dtype)
+  x = model_lib.embed(base, titles_BxT, cfg)
   x = jnp.broadcast_to(x[None], (next_pos_P.shape[0], *x.shape))
 
   def body(x, xs):
     layer, layer_adapters, prompt_k, prompt_v = xs
-    h = model_lib.rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
-    q, k, v = model_lib._qkv(h, layer, layer_adapters, cos, sin, cfg, lcfg, None)
-    out = _attend_prompt_and_title(q, prompt_k, prompt_v, cache.key_valid, k, v, causal_BxTxT, cfg.head_dim ** -0.5)
-    return model_lib._finish_layer(x, out, layer, layer_adapters, cfg, lcfg, None), None
+    attention = lambda q, k, v: (_attend_prompt_and_title(q, prompt_k, prompt_v, cache.key_valid, k, v,
+                                                          causal_BxTxT, cfg.head_dim ** -0.5), None)
+    return model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
 
-  x, _ = jax.lax.scan(body, x, (base["layers"], adapters, cache.k, cache.v))
+  x, _ = jax.lax.scan(body, x, (base["layers"], adapters.get("layers", {}), cache.k, cache.v))
   # Position t predicts token t+1; the last position predicts nothing we score.
-  h = model_lib.rms_norm(x[:, :, :-1], base["norm"], cfg.rms_norm_eps)
+  h = model_lib.final_norm(base, x[:, :, :-1], cfg)
   logits_PxBxTxV = model_lib.lm_logits(base, h, cfg)
   target = jnp.broadcast_to(titles_BxT[None, :, 1:, None], (*logits_PxBxTxV.shape[:-1], 1))
   later = jnp.take_along_axis(logits_PxBxTxV, target, axis=-1)[..., 0] - jax.nn.logsumexp(logits_PxBxTxV, axis=-1)

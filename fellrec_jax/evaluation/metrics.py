@@ -1,4 +1,4 @@
-"""Top-K ranking metrics (SPEC §5.3), the per-client report with its balance (§5.4), and the popularity baseline.
+"""Top-K ranking metrics (docs/method.md §5.3), the per-client report with its balance (§5.4), and the popularity baseline.
 
 All-rank evaluation: `ranked` holds every user's top items over the whole catalog (history excluded
 upstream), item id -1 meaning "no item" (never a hit). Per user with ground truth GT and K:
@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fellrec_jax import topk as topk_lib
+from fellrec_jax.evaluation import topk as topk_lib
 
 METRICS = ("precision", "recall", "ndcg", "mrr")
 DEFAULT_KS = (5, 10, 20)

@@ -1,4 +1,4 @@
-"""Recommendations for each client's test users with its own adapters (SPEC §5), in one of three modes.
+"""Recommendations for each client's test users with its own adapters (docs/method.md §5), in one of three modes.
 
   grounding    BIGRec: beam search (4 beams, 128 new tokens), the text after "### Response:" with its
                quotes removed, embedded by the base model; items ranked by L2 distance (grounding.py).
@@ -23,11 +23,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from fellrec_jax import generation
-from fellrec_jax import grounding
-from fellrec_jax import likelihood
-from fellrec_jax import metrics
-from fellrec_jax import trie as trie_lib
+from fellrec_jax.model import generation
+from fellrec_jax.evaluation import grounding
+from fellrec_jax.evaluation import likelihood
+from fellrec_jax.evaluation import metrics
+from fellrec_jax.model import trie as trie_lib
 
 RESPONSE_MARKER = "### Response:"
 MODES = ("grounding", "likelihood", "constrained")

@@ -1,9 +1,9 @@
 """Server aggregation as pure functions on client-stacked pytrees (leading axis C).
 
 Every aggregator is a row-stochastic mixing matrix A [C, C] applied as theta_i <- sum_j A_ij theta_j:
-FELLRec's similarity/heat matrix (SPEC §4), FedAvg's sample-weighted mean, or the identity (local
+FELLRec's similarity/heat matrix (docs/method.md §4), FedAvg's sample-weighted mean, or the identity (local
 training, centralized). The FELLRec update is also available in its heated server-optimizer form
-(`heating.heated_server_step`) and as the reference's sequential in-place loop (quirk (b) of SPEC §4).
+(`heating.heated_server_step`) and as the reference's sequential in-place loop (quirk (b) of docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fellrec_jax import heating
+from fellrec_jax.federated import heating
 
 
 def flatten_clients(tree):

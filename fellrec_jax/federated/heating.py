@@ -1,4 +1,4 @@
-"""Curriculum heating (SPEC §4): loss-dependent warm weights and the heated server step as an optax
+"""Curriculum heating (docs/method.md §4): loss-dependent warm weights and the heated server step as an optax
 transformation.
 
 A struggling client (large training loss) gets a large loss weight p_i = softmax(l / tau)_i and hence a

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fellrec_jax import model as model_lib
-from fellrec_jax import optimizer as optimizer_lib
-from fellrec_jax import split_learning, stream
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.federated import optimizer as optimizer_lib
+from fellrec_jax.federated import split_learning
+from fellrec_jax.federated import stream
 
 
 @dataclasses.dataclass(frozen=True)

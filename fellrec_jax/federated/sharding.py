@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Partition of each base leaf's dimensions (layer-stacked leaves start with the layer axis).
+# Partition of the weight of each module of the base (layer-stacked weights start with the layer axis);
+# biases and norm scales are replicated.
 BASE_RULES = {
-    "embed": P("model", None),
+    "embed_tokens": P("model", None),
     "lm_head": P(None, "model"),
-    "norm": P(),
     "q_proj": P(None, None, "model"), "k_proj": P(None, None, "model"), "v_proj": P(None, None, "model"),
     "gate_proj": P(None, None, "model"), "up_proj": P(None, None, "model"),
     "o_proj": P(None, "model", None), "down_proj": P(None, "model", None),
@@ -60,10 +60,8 @@ def _fits(spec: P, shape, mesh: Mesh) -> P:
 
 def base_shardings(base: dict, mesh: Mesh):
   def rule(path, leaf):
-    name = path[-1].key
-    spec = BASE_RULES.get(name.removesuffix("_bias"), P())
-    if name.endswith("_bias") or "norm" in name:
-      spec = P()
+    module, name = path[-2].key, path[-1].key
+    spec = BASE_RULES.get(module, P()) if name in ("kernel", "embedding") else P()
     return NamedSharding(mesh, _fits(spec, leaf.shape, mesh))
 
   return jax.tree_util.tree_map_with_path(rule, base)

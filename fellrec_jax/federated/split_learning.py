@@ -1,4 +1,4 @@
-"""One client step through the split, with the client/server boundary executed explicitly (SPEC §3).
+"""One client step through the split, with the client/server boundary executed explicitly (docs/method.md §3).
 
 The client runs `front` and sends h_k; the server runs `middle` and returns h_{L-1}; the client runs
 `back` and the loss (labels never leave it), sends dL/dh_{L-1}; the server back-propagates through its
@@ -13,9 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import loss as loss_lib
-from fellrec_jax import model as model_lib
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import loss as loss_lib
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import split as split_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,11 @@ class SplitConfig:
   remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
 
   def __post_init__(self):
-    model_lib.check_split(self.model, self.split_k)
+    split_lib.check_split(self.model, self.split_k)
 
   @property
   def has_server_layers(self) -> bool:
-    return self.split_k < self.model.num_layers - 1
+    return split_lib.has_server_layers(self.model, self.split_k)
 
 
 def _tree_add(*trees):

@@ -14,7 +14,7 @@ matmul over all clients' tokens, no padding (PERFORMANCE.md, levers 2-3). LoRA s
 layer's adapters of all clients side by side ([D, C*r] and [C*r, O]), the token's own client's columns
 selected by a mask. Attention keeps the data's rows: the non-empty rows of all clients (a budget Ra of
 them) are gathered from the stream, each with its client's prefix keys/values, and their outputs read
-back. The numbers are those of the per-client computation (model.py, split_learning.py), rearranged; the
+back. The numbers are those of the per-client computation (model/llama.py, split_learning.py), rearranged; the
 split between client and server is executed as there, on the stream's activations.
 
 Budgets are static (they shape the compiled step); `budgets` computes them from a round's batches on the
@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fellrec_jax import loss as loss_lib
-from fellrec_jax import model as model_lib
+from fellrec_jax.model import loss as loss_lib
+from fellrec_jax.model import kernels
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import split as split_lib
 
 
 CAUSAL_BLOCKS = 2
@@ -154,15 +156,16 @@ _take.defvjp(_take_fwd, _take_bwd)
 # The model over the stream
 
 
-def _stream_adapters(adapters, columns, lcfg):
-  """One layer's adapters of all clients [C, ...] as model.StreamLora per target projection."""
-  out = {}
-  for name, ab in adapters.items():
-    a, b = ab["a"], ab["b"]  # [C, D, r], [C, r, O]
+def _stream_adapters(adapters, columns):
+  """One layer's adapters of all clients ({block: {projection: {lora_a [C, D, r], lora_b [C, r, O]}}}) as
+  a kernels.StreamLora per target projection, in the same nesting."""
+  def stream_lora(ab):
+    a, b = ab["lora_a"], ab["lora_b"]
     C, D, r = a.shape
-    out[name] = model_lib.StreamLora(a.transpose(1, 0, 2).reshape(D, C * r), b.reshape(C * r, b.shape[-1]),
-                                     columns)  # columns: [S, C] bool
-  return out
+    return kernels.StreamLora(a.transpose(1, 0, 2).reshape(D, C * r), b.reshape(C * r, b.shape[-1]), columns)
+
+  return {block: {name: stream_lora(ab) for name, ab in projections.items()}
+          for block, projections in adapters.items()}
 
 
 def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg, lcfg):
@@ -171,20 +174,21 @@ def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg,
   C, P = num_clients, (lay.tokens.shape[0] - lay.row_of_stream.shape[0]) // num_clients
   Ra, T = lay.row_slots.shape
   K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-  lora = _stream_adapters(adapters, lay.columns, lcfg)
-  h = model_lib.rms_norm(x_SxD, layer["input_norm"], cfg.rms_norm_eps)
-  q, k, v = model_lib._qkv(h, layer, lora, cos, sin, cfg, lcfg, None)  # [S, K, G, H], [S, K, H] x2
   prefix = lambda t: t[:C * P].reshape(C, P, *t.shape[1:])
   causal = jnp.broadcast_to(jnp.tril(jnp.ones((P, P), bool)), (C, P, P))
-  out_prefix = model_lib.attend(prefix(q), [(prefix(k), prefix(v), causal, False)], H ** -0.5)
   inverse = jnp.concatenate([jnp.full(C * P, Ra * T, jnp.int32), lay.row_of_stream])
   to_rows = lambda t: _take(t, lay.row_slots.reshape(-1), inverse).reshape(Ra, T, *t.shape[1:])
   by_row = lambda t: jnp.einsum("rc,cp...->rp...", lay.row_clients.astype(t.dtype), prefix(t))
-  out_rows = _causal_row_attention(to_rows(q), by_row(k), by_row(v), to_rows(k), to_rows(v), lay.row_mask,
-                                   H ** -0.5)
-  back = _take(out_rows.reshape(Ra * T, K, G, H), lay.row_of_stream, lay.row_slots.reshape(-1) - C * P)
-  out = jnp.concatenate([out_prefix.reshape(C * P, K, G, H), back])
-  return model_lib._finish_layer(x_SxD, out, layer, lora, cfg, lcfg, None)
+
+  def attention(q, k, v):  # [S, K, G, H], [S, K, H] x2
+    out_prefix = kernels.attend(prefix(q), [(prefix(k), prefix(v), causal, False)], H ** -0.5)
+    out_rows = _causal_row_attention(to_rows(q), by_row(k), by_row(v), to_rows(k), to_rows(v), lay.row_mask,
+                                     H ** -0.5)
+    back = _take(out_rows.reshape(Ra * T, K, G, H), lay.row_of_stream, lay.row_slots.reshape(-1) - C * P)
+    return jnp.concatenate([out_prefix.reshape(C * P, K, G, H), back]), None
+
+  lora = _stream_adapters(adapters, lay.columns)
+  return model_lib.decoder_layer(x_SxD, layer, lora, attention, cos, sin, cfg, lcfg)[0]
 
 
 def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTxKxH, mask_RxTxT, scale,
@@ -199,31 +203,20 @@ def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTx
   outs = []
   for j in range(blocks):
     queries, keys = slice(j * size, (j + 1) * size), slice(0, (j + 1) * size)
-    outs.append(model_lib.attend(q_RxTxKxGxH[:, queries], [
+    outs.append(kernels.attend(q_RxTxKxGxH[:, queries], [
         (kp_RxPxKxH, vp_RxPxKxH, jnp.ones((R, size, P), bool), False),
         (k_RxTxKxH[:, keys], v_RxTxKxH[:, keys], mask_RxTxT[:, queries, keys], False)], scale))
   return jnp.concatenate(outs, axis=1)
 
 
-def run_layers(base, adapters, x_SxD, lay: Layout, start: int, stop: int, num_clients: int, cfg, lcfg,
+def run_layers(base, adapters, x_SxD, lay: Layout, layers: range, num_clients: int, cfg, lcfg,
                remat: bool = False):
-  """Decoder layers [start, stop) over the stream; adapters [C, L, ...] (unrolled as model.run_layers)."""
-  cos, sin = model_lib.rope_tables(lay.positions, cfg)
-
-  def body(x, xs):
-    layer, layer_adapters = xs
-    return _layer(x, layer, layer_adapters, lay, cos, sin, num_clients, cfg, lcfg), None
-
-  if remat:
-    body = jax.checkpoint(body)
-  per_layer = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters)  # [L, C, ...]
-  if stop - start <= model_lib.UNROLL_LAYERS:
-    for index in range(start, stop):
-      take = lambda tree: jax.tree.map(lambda t: t[index], tree)
-      x_SxD, _ = body(x_SxD, (take(base["layers"]), take(per_layer)))
-    return x_SxD
-  xs = (model_lib.slice_layers(base["layers"], start, stop), model_lib.slice_layers(per_layer, start, stop))
-  return jax.lax.scan(body, x_SxD, xs)[0]
+  """Decoder layers `layers` over the stream; adapters {"layers": ...} with leaves [C, L, ...]."""
+  cos, sin = kernels.rope_tables(lay.positions, cfg)
+  per_layer = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters["layers"])  # [L, C, ...]
+  layer_fn = lambda x, layer, layer_adapters, _: _layer(x, layer, layer_adapters, lay, cos, sin, num_clients,
+                                                        cfg, lcfg)
+  return model_lib.run_layers(layer_fn, x_SxD, base["layers"], per_layer, layers.start, layers.stop, remat=remat)
 
 
 def stream_nll(base, h_SxD, lay: Layout, prefix_tokens, prefix_loss_mask, num_clients: int, cfg,
@@ -258,20 +251,20 @@ def loss_and_grads(base, adapters, batch, real, prefix_tokens, prefix_loss_mask,
 
   batch: (tokens, positions, segment_ids, loss_mask), each [C, R, T]; real: [C] bool.
   """
-  cfg, lcfg, k, L = sc.model, sc.lora, sc.split_k, sc.model.num_layers
+  cfg, lcfg, k = sc.model, sc.lora, sc.split_k
   C = real.shape[0]
   lay = layout(*batch, real, prefix_tokens, budget)
 
   def client_front(a):
-    x = base["embed"][lay.tokens].astype(cfg.compute_dtype)
-    return run_layers(base, a, x, lay, 0, k, C, cfg, lcfg, sc.remat)
+    x = model_lib.embed(base, lay.tokens, cfg)
+    return run_layers(base, a, x, lay, split_lib.front_layers(cfg, k), C, cfg, lcfg, sc.remat)
 
   def server_middle(a, h_k):
-    return run_layers(base, a, h_k, lay, k, L - 1, C, cfg, lcfg, sc.remat)
+    return run_layers(base, a, h_k, lay, split_lib.server_layers(cfg, k), C, cfg, lcfg, sc.remat)
 
   def client_back(a, h_last):
-    h = run_layers(base, a, h_last, lay, L - 1, L, C, cfg, lcfg, sc.remat)
-    h = model_lib.rms_norm(h, base["norm"], cfg.rms_norm_eps)
+    h = run_layers(base, a, h_last, lay, split_lib.back_layers(cfg), C, cfg, lcfg, sc.remat)
+    h = model_lib.final_norm(base, h, cfg)
     return stream_nll(base, h, lay, prefix_tokens, prefix_loss_mask, C, cfg, sc.loss_chunk)
 
   h_k, front_vjp = jax.vjp(client_front, adapters)  # clients -> server: h_k

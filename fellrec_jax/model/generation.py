@@ -16,9 +16,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import model as model_lib
-from fellrec_jax import trie as trie_lib
+from fellrec_jax.model import kernels
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import trie as trie_lib
 
 NEG = -1.0e9  # transformers' sentinel for "not selectable"
 
@@ -42,32 +43,31 @@ def init_cache(cfg: model_lib.LlamaConfig, batch: int, length: int) -> Cache:
   return Cache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
-def _cached_layer(x, layer, adapters, k_cache, v_cache, cos, sin, mask, index, cfg, lcfg):
-  """One decoder layer for new tokens x [B, T, D], writing their keys/values at `index`."""
-  h = model_lib.rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
-  q, k, v = model_lib._qkv(h, layer, adapters, cos, sin, cfg, lcfg, None)
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-  out = model_lib.attend(q, [(k_cache, v_cache, mask, False)], cfg.head_dim ** -0.5)
-  return model_lib._finish_layer(x, out, layer, adapters, cfg, lcfg, None), (k_cache, v_cache)
-
-
 def decode(base, adapters, tokens, positions, new_valid, cache: Cache, cfg, lcfg):
-  """Run new tokens [B, T] through the model with the cache; (logits of the last token [B, V], cache)."""
+  """Run new tokens [B, T] through the model with the cache; (logits of the last token [B, V], cache).
+
+  Each layer writes the new tokens' keys/values at `cache.index`, then attends over the whole cache.
+  """
   T = tokens.shape[1]
   key_valid = jax.lax.dynamic_update_slice(cache.key_valid, new_valid, (0, cache.index))
   query_index = cache.index + jnp.arange(T)
   causal = jnp.arange(key_valid.shape[1])[None, :] <= query_index[:, None]
   mask = key_valid[:, None, :] & causal[None]
-  cos, sin = model_lib.rope_tables(positions, cfg)
-  x = base["embed"][tokens].astype(cfg.compute_dtype)
+  cos, sin = kernels.rope_tables(positions, cfg)
 
   def body(x, xs):
     layer, layer_adapters, k_cache, v_cache = xs
-    return _cached_layer(x, layer, layer_adapters, k_cache, v_cache, cos, sin, mask, cache.index, cfg, lcfg)
 
-  x, (k, v) = jax.lax.scan(body, x, (base["layers"], adapters, cache.k, cache.v))
-  h = model_lib.rms_norm(x[:, -1], base["norm"], cfg.rms_norm_eps)
+    def cached_attention(q, k, v):
+      k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
+      return kernels.attend(q, [(k_all, v_all, mask, False)], cfg.head_dim ** -0.5), (k_all, v_all)
+
+    return model_lib.decoder_layer(x, layer, layer_adapters, cached_attention, cos, sin, cfg, lcfg)
+
+  x = model_lib.embed(base, tokens, cfg)
+  x, (k, v) = jax.lax.scan(body, x, (base["layers"], adapters.get("layers", {}), cache.k, cache.v))
+  h = model_lib.final_norm(base, x[:, -1], cfg)
   return model_lib.lm_logits(base, h, cfg), Cache(k, v, key_valid, cache.index + T)
 
 

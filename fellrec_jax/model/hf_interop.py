@@ -1,7 +1,10 @@
 """Hugging Face interop: Llama checkpoints (config.json + safetensors) and PEFT LoRA adapters.
 
-Our layout stores projection kernels [in, out] stacked over layers; Hugging Face stores one `[out, in]`
-tensor per layer. Everything here is local-disk only: nothing is downloaded.
+The model's modules are named as Hugging Face names them, so a variable's path in the NNX state gives its
+tensor name: base["layers"]["self_attn"]["q_proj"]["kernel"][i] is `model.layers.{i}.self_attn.q_proj.weight`
+(transposed: our kernels are [in, out], stacked over layers; Hugging Face stores one [out, in] tensor per
+layer). Loading walks the abstract state of the model (`nnx.eval_shape`) and fills each variable with its
+checked tensors. Everything here is local-disk only: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,15 +19,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import model as model_lib
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import llama as model_lib
 
-_HF_MODULE = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
-_HF_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
+_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _PEFT_PREFIX = "base_model.model.model.layers"
 
 
@@ -123,35 +121,39 @@ def _take(tensors: dict, key: str, shape: tuple, where: Path) -> np.ndarray:
   return value
 
 
+def _hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
+  """The Hugging Face tensor name of a base-state variable (of layer `layer` for the stacked layers)."""
+  modules = list(path[:-1])
+  if modules[0] == "layers":
+    modules.insert(1, str(layer))
+  prefix = "" if modules[0] == "lm_head" else "model."
+  return prefix + ".".join(modules) + "." + _HF_LEAF[path[-1]]
+
+
+def _hf_layout(path: tuple[str, ...], array):
+  """A variable's value (one layer's) as Hugging Face stores it: kernels transposed."""
+  return array.T if path[-1] == "kernel" else array
+
+
 def load_params(hf_dir: str | os.PathLike, cfg: model_lib.LlamaConfig, param_dtype=None) -> dict:
-  """Base params from a Hugging Face Llama directory (single or sharded safetensors)."""
+  """The base state (pure dict) from a Hugging Face Llama directory (single or sharded safetensors)."""
   hf_dir = Path(hf_dir)
   tensors = _read_tensors(_safetensors_files(hf_dir))
   cast = (lambda x: x) if param_dtype is None else (lambda x: x.astype(param_dtype))
-  shapes = lora_lib.projection_shapes(cfg)
-  layers = {}
-  for name, module in _HF_MODULE.items():
-    fan_in, fan_out = shapes[name]
-    layers[name] = cast(np.stack([
-        _take(tensors, f"model.layers.{i}.{module}.weight", (fan_out, fan_in), hf_dir).T
-        for i in range(cfg.num_layers)]))
-    if model_lib._has_bias(cfg, name):
-      layers[name + "_bias"] = cast(np.stack([
-          _take(tensors, f"model.layers.{i}.{module}.bias", (fan_out,), hf_dir) for i in range(cfg.num_layers)]))
-  for name, module in _HF_NORMS.items():
-    layers[name] = cast(np.stack([
-        _take(tensors, f"model.layers.{i}.{module}.weight", (cfg.hidden_size,), hf_dir)
-        for i in range(cfg.num_layers)]))
-  params = {
-      "embed": cast(_take(tensors, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), hf_dir)),
-      "layers": layers,
-      "norm": cast(_take(tensors, "model.norm.weight", (cfg.hidden_size,), hf_dir)),
-  }
-  head = tensors.pop("lm_head.weight", None)
-  if not cfg.tie_word_embeddings:
-    if head is None:
-      raise CheckpointError(f"{hf_dir}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
-    params["lm_head"] = cast(head.T)
+  if not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+    raise CheckpointError(f"{hf_dir}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
+  if cfg.tie_word_embeddings:
+    tensors.pop("lm_head.weight", None)
+
+  def fill(key_path, spec):
+    path = tuple(k.key for k in key_path)
+    kernel = path[-1] == "kernel"
+    take = lambda name, shape: _hf_layout(path, _take(tensors, name, shape[::-1] if kernel else shape, hf_dir))
+    if path[0] == "layers":
+      return cast(np.stack([take(_hf_name(path, i), spec.shape[1:]) for i in range(spec.shape[0])]))
+    return cast(take(_hf_name(path), spec.shape))
+
+  params = jax.tree_util.tree_map_with_path(fill, model_lib.abstract_states(cfg)[0])
   unused = [k for k in tensors if "rotary_emb" not in k]
   if unused:
     raise CheckpointError(f"{hf_dir}: unexpected tensors {sorted(unused)[:5]} (not a plain Llama checkpoint?)")
@@ -159,27 +161,37 @@ def load_params(hf_dir: str | os.PathLike, cfg: model_lib.LlamaConfig, param_dty
 
 
 def load_llama(hf_dir, dtype: str = "float32", param_dtype=None):
-  """(config, base params) of a local Hugging Face Llama checkpoint directory."""
+  """(config, base state) of a local Hugging Face Llama checkpoint directory."""
   cfg = load_config(hf_dir, dtype)
   return cfg, load_params(hf_dir, cfg, param_dtype)
 
 
+def load_model(hf_dir, lcfg: lora_lib.LoraConfig, adapter_key: jax.Array | None = None, dtype: str = "float32",
+               param_dtype=None) -> model_lib.Llama:
+  """The `Llama` module of a local Hugging Face checkpoint, with fresh adapters (PEFT's initialisation
+  from `adapter_key`, default key 0): its `nnx.split(model, Adapter, ...)` gives the states a run trains."""
+  cfg, base = load_llama(hf_dir, dtype, param_dtype)
+  key = jax.random.key(0) if adapter_key is None else adapter_key
+  return model_lib.merge(cfg, lcfg, base, lora_lib.init_adapters(cfg, lcfg, key))
+
+
+def save_model(hf_dir, model: model_lib.Llama, max_shard_bytes: int | None = None) -> None:
+  """The module's base as a Hugging Face checkpoint (its adapters: `save_peft_adapter`)."""
+  save_llama(hf_dir, model.config, model_lib.states(model)[0], max_shard_bytes)
+
+
 def save_llama(hf_dir, cfg: model_lib.LlamaConfig, params: dict, max_shard_bytes: int | None = None) -> None:
-  """Write config.json and safetensors that `LlamaForCausalLM.from_pretrained` loads."""
+  """Write config.json and safetensors of a base state that `LlamaForCausalLM.from_pretrained` loads."""
   hf_dir = Path(hf_dir)
   hf_dir.mkdir(parents=True, exist_ok=True)
   config_to_hf(cfg).save_pretrained(str(hf_dir))
-  params = jax.tree.map(np.asarray, params)
-  tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]}
-  if "lm_head" in params:
-    tensors["lm_head.weight"] = params["lm_head"].T
-  for i in range(cfg.num_layers):
-    for name, module in _HF_MODULE.items():
-      tensors[f"model.layers.{i}.{module}.weight"] = params["layers"][name][i].T
-      if name + "_bias" in params["layers"]:
-        tensors[f"model.layers.{i}.{module}.bias"] = params["layers"][name + "_bias"][i]
-    for name, module in _HF_NORMS.items():
-      tensors[f"model.layers.{i}.{module}.weight"] = params["layers"][name][i]
+  tensors = {}
+  for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path, value = tuple(k.key for k in key_path), np.asarray(value)
+    if path[0] == "layers":
+      tensors.update({_hf_name(path, i): _hf_layout(path, value[i]) for i in range(value.shape[0])})
+    else:
+      tensors[_hf_name(path)] = _hf_layout(path, value)
   _write_safetensors(hf_dir, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, max_shard_bytes)
 
 
@@ -221,10 +233,10 @@ def save_peft_adapter(out_dir, adapters: dict, lcfg: lora_lib.LoraConfig, base_m
   }
   (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
   tensors = {}
-  for name, ab in adapters.items():
-    a, b = np.asarray(ab["a"]), np.asarray(ab["b"])
+  for name, ab in lora_lib.projection_adapters(adapters).items():
+    a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
     for i in range(a.shape[0]):
-      key = f"{_PEFT_PREFIX}.{i}.{_HF_MODULE[name]}"
+      key = f"{_PEFT_PREFIX}.{i}.{lora_lib.block_of(name)}.{name}"
       tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
       tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
   save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -251,7 +263,7 @@ def load_peft_config(adapter_dir) -> lora_lib.LoraConfig:
 
 
 def load_peft_adapter(adapter_dir, cfg: model_lib.LlamaConfig):
-  """(LoraConfig, adapters) from a PEFT LoRA directory saved for a LlamaForCausalLM."""
+  """(LoraConfig, adapter state) from a PEFT LoRA directory saved for a LlamaForCausalLM."""
   adapter_dir = Path(adapter_dir)
   lcfg = load_peft_config(adapter_dir)
   path = adapter_dir / "adapter_model.safetensors"
@@ -259,15 +271,16 @@ def load_peft_adapter(adapter_dir, cfg: model_lib.LlamaConfig):
     raise CheckpointError(f"{path}: missing (only safetensors adapters are supported)")
   tensors = _read_tensors([path])
   shapes = lora_lib.projection_shapes(cfg)
-  adapters = {}
+  layers = {}
   for name in lcfg.targets:
     fan_in, fan_out = shapes[name]
     a, b = [], []
     for i in range(cfg.num_layers):
-      key = f"{_PEFT_PREFIX}.{i}.{_HF_MODULE[name]}"
+      key = f"{_PEFT_PREFIX}.{i}.{lora_lib.block_of(name)}.{name}"
       a.append(_take(tensors, f"{key}.lora_A.weight", (lcfg.rank, fan_in), path).T)
       b.append(_take(tensors, f"{key}.lora_B.weight", (fan_out, lcfg.rank), path).T)
-    adapters[name] = {"a": np.stack(a).astype(np.float32), "b": np.stack(b).astype(np.float32)}
+    layers.setdefault(lora_lib.block_of(name), {})[name] = {"lora_a": np.stack(a).astype(np.float32),
+                                                            "lora_b": np.stack(b).astype(np.float32)}
   if tensors:
     raise CheckpointError(f"{path}: unexpected tensors {sorted(tensors)[:5]}")
-  return lcfg, adapters
+  return lcfg, {"layers": layers}

@@ -1,9 +1,11 @@
-"""LoRA adapters: a pytree separate from the frozen base, stacked on the layer axis.
+"""LoRA adapters: which projections they target, their initialisation and their state's layout.
 
-Adapters are `{projection: {"a": [L, in, r], "b": [L, r, out]}}` for each target projection. The delta
-of a projection is `dropout(x) @ a @ b * scale`, scale = alpha / r (alpha / sqrt(r) with rsLoRA), as in
-PEFT. `a` is initialised as PEFT does (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
-and `b` = 0, so a fresh adapter leaves the base model unchanged.
+The adapter state of a model (llama.py's `Adapter` variables, split off the base) is the pure dict
+`{"layers": {block: {projection: {"lora_a": [L, in, r], "lora_b": [L, r, out]}}}}`, block "self_attn" or
+"mlp", for each target projection. The delta of a projection is `dropout(x) @ lora_a @ lora_b * scale`,
+scale = alpha / r (alpha / sqrt(r) with rsLoRA), as in PEFT. `lora_a` is initialised as PEFT does
+(kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and `lora_b` = 0, so a fresh adapter
+leaves the base model unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 
 Adapters = dict[str, dict[str, Any]]
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,27 +58,29 @@ def projection_shapes(model_cfg) -> dict[str, tuple[int, int]]:
           "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
+def block_of(name: str) -> str:
+  """The module of a decoder layer that holds a projection: "self_attn" or "mlp"."""
+  return "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
+
+
 def init_adapters(model_cfg, lcfg: LoraConfig, rng: jax.Array, dtype=jnp.float32) -> Adapters:
-  """Fresh adapters for every layer: a ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT, b = 0."""
+  """Fresh adapter state for every layer: lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT, lora_b = 0."""
   shapes = projection_shapes(model_cfg)
   L, r = model_cfg.num_layers, lcfg.rank
-  adapters = {}
+  layers = {}
   for key, name in zip(jax.random.split(rng, len(lcfg.targets)), lcfg.targets):
     fan_in, fan_out = shapes[name]
     bound = 1.0 / math.sqrt(fan_in)
-    adapters[name] = {
-        "a": jax.random.uniform(key, (L, fan_in, r), dtype, -bound, bound),
-        "b": jnp.zeros((L, r, fan_out), dtype),
+    layers.setdefault(block_of(name), {})[name] = {
+        "lora_a": jax.random.uniform(key, (L, fan_in, r), dtype, -bound, bound),
+        "lora_b": jnp.zeros((L, r, fan_out), dtype),
     }
-  return adapters
+  return {"layers": layers}
 
 
-def lora_delta(x, adapter, lcfg: LoraConfig, rng, dtype):
-  """dropout(x) @ a @ b * scale, in the compute dtype."""
-  if rng is not None and lcfg.dropout > 0.0:
-    keep = jax.random.bernoulli(rng, 1.0 - lcfg.dropout, x.shape)
-    x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
-  return ((x @ adapter["a"].astype(dtype)) @ adapter["b"].astype(dtype)) * jnp.asarray(lcfg.scale, dtype)
+def projection_adapters(adapters: Adapters) -> dict[str, dict[str, Any]]:
+  """{projection: {"lora_a", "lora_b"}} of an adapter state (any leading axes kept)."""
+  return {name: ab for block in adapters["layers"].values() for name, ab in block.items()}
 
 
 def count_parameters(adapters) -> int:

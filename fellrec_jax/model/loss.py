@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fellrec_jax import model as model_lib
+from fellrec_jax.model import llama as model_lib
 
 
 def token_nll(base, h_NxD, targets_N, cfg, chunk: int = 0):

@@ -1,6 +1,12 @@
 """Orbax checkpoints of a federated run: array state (client states, server state, best adapters) plus a
-JSON part (round, config fingerprint, metrics so far). Data order needs no saving: round r's batches are a
-function of (seed, r)."""
+JSON part (round, config fingerprint, metrics so far, the state's layout version). Data order needs no
+saving: round r's batches are a function of (seed, r).
+
+Layout versions: 1 (no "layout" field) stored adapters as {projection: {"a", "b"}}; 2 stores the model's
+NNX adapter state, {"layers": {block: {projection: {"lora_a", "lora_b"}}}}. A checkpoint of another layout
+is refused with a message rather than converted: a run is cheap to restart next to it, and a converter
+would have to follow every future change of the state.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+LAYOUT_VERSION = 2
 
 
 class ResumeError(ValueError):
@@ -23,6 +32,7 @@ def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  meta = {**meta, "layout": LAYOUT_VERSION}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
 
@@ -32,10 +42,16 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
   step = mngr.latest_step() if step is None else step
   if step is None:
     return None
+  meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+  layout = meta.get("layout", 1)
+  if layout != LAYOUT_VERSION:
+    raise ResumeError(
+        f"{Path(mngr.directory) / str(step)}: checkpoint of state layout {layout}, written by another version "
+        f"of fellrec_jax; this version reads layout {LAYOUT_VERSION} (see fellrec_jax/run/checkpoint.py). "
+        "Start the run in a new --workdir, or resume it with the version that wrote it.")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         meta=ocp.args.JsonRestore()))
-  return step, restored.state, dict(restored.meta)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return step, restored.state, meta
 
 
 def config_fingerprint(config_dict: dict, ignore: tuple[str, ...]) -> dict:

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from fellrec_jax import metrics, plots, train
+from fellrec_jax.evaluation import metrics
+from fellrec_jax.evaluation import plots
+from fellrec_jax.run import train
 
 logger = logging.getLogger("fellrec_jax")
 TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")

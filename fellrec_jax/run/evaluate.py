@@ -1,4 +1,4 @@
-"""Evaluation of a federated run (SPEC §5): each client's best adapters on its own test users.
+"""Evaluation of a federated run (docs/method.md §5): each client's best adapters on its own test users.
 
 Writes `eval.json` (overall, per-client and balance parts, plus the popularity baseline under
 `baselines`), `predictions.jsonl` (what each test user got) and PNG plots (per-client bars, per-round
@@ -16,8 +16,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from fellrec_jax import checkpoint, metrics, plots, prompts, recommend
-from fellrec_jax.records import parse_record
+from fellrec_jax.run import checkpoint
+from fellrec_jax.evaluation import metrics
+from fellrec_jax.evaluation import plots
+from fellrec_jax.data import prompts
+from fellrec_jax.evaluation import recommend
+from fellrec_jax.data.records import parse_record
 
 logger = logging.getLogger("fellrec_jax")
 EVAL_MODES = recommend.MODES
@@ -108,7 +112,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def evaluate_workdir(workdir, **eval_overrides) -> dict:
   """Evaluate the best adapters of the run in `workdir` (from its latest checkpoint)."""
-  from fellrec_jax import train  # train imports this module for its end-of-run evaluation
+  from fellrec_jax.run import train
 
   config = load_config(workdir)
   for key, value in eval_overrides.items():

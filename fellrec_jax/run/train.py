@@ -1,7 +1,7 @@
 """A federated run from a config: data, base model, rounds of local training + aggregation + validation,
 checkpoints, metrics.jsonl, and the final evaluation. `experiments/train.py` is the thin entry point.
 
-Per round t (SPEC §4): every client trains locally (one jitted call for all clients), the server mixes
+Per round t (docs/method.md §4): every client trains locally (one jitted call for all clients), the server mixes
 the adapters with the configured aggregator, each client's mixed adapters are validated, the best ones per
 client are kept (the reference's model selection), and the weighted validation loss drives early stopping.
 Re-running on the same workdir resumes from the last checkpoint and ends exactly where an uninterrupted
@@ -24,11 +24,21 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fellrec_jax import aggregation, batching, checkpoint, evaluation, federated, heating, hf_interop
-from fellrec_jax import lora as lora_lib
-from fellrec_jax import model as model_lib
-from fellrec_jax import optimizer as optimizer_lib
-from fellrec_jax import pipeline, pretrain, sharding, split_learning
+from fellrec_jax.federated import aggregation
+from fellrec_jax.data import batching
+from fellrec_jax.run import checkpoint
+from fellrec_jax.run import evaluate as evaluation
+from fellrec_jax.federated import rounds as federated
+from fellrec_jax.federated import heating
+from fellrec_jax.model import hf_interop
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import split as split_lib
+from fellrec_jax.federated import optimizer as optimizer_lib
+from fellrec_jax.data import pipeline
+from fellrec_jax.run import pretrain
+from fellrec_jax.federated import sharding
+from fellrec_jax.federated import split_learning
 
 logger = logging.getLogger("fellrec_jax")
 
@@ -162,7 +172,7 @@ def setup(config, workdir) -> Run:
       config.data, num_clients=config.fed.num_clients, seed=config.seed, workdir=workdir,
       local_epochs=config.fed.local_epochs, rows_multiple=config.train.accum_steps, num_rounds=config.fed.rounds)
   model_cfg, base = load_base(config, data, workdir)
-  model_lib.check_split(model_cfg, config.fed.split_k)
+  split_lib.check_split(model_cfg, config.fed.split_k)
   lcfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                              targets=tuple(config.lora.targets))
   lc = local_config(config, model_cfg, lcfg)
@@ -217,18 +227,12 @@ def place(run: Run, state: TrainState) -> TrainState:
 # Aggregation
 
 
-def server_layer_mask(model_cfg, k: int) -> np.ndarray:
-  """[L] bool: the layers the server holds (k .. L-2)."""
-  layers = np.arange(model_cfg.num_layers)
-  return (layers >= k) & (layers < model_cfg.num_layers - 1)
-
-
 def aggregator_spec(run: Run) -> aggregation.AggregatorSpec:
   f, fed = run.config.fellrec, run.config.fed
   return aggregation.AggregatorSpec(
       name=run.aggregator, alpha=f.alpha, beta=f.beta, temperature=f.temperature,
       skip_warm_when_beta_is_1=f.skip_warm_when_beta_is_1, sequential_update=f.sequential_update,
-      server_layers=tuple(bool(x) for x in server_layer_mask(run.model_cfg, fed.split_k)),
+      server_layers=tuple(bool(x) for x in split_lib.server_layer_mask(run.model_cfg, fed.split_k)),
       shared_server_adapters=fed.server_adapters == "shared")
 
 
@@ -362,7 +366,7 @@ def comm_bytes(run: Run, batches: federated.ClientBatches, metrics, adapters) ->
   exchanged = 0
   if run.aggregator not in ("local", "centralized"):
     # Each client uploads the adapters of its own layers and downloads the mixed ones.
-    client_layers = int((~server_layer_mask(run.model_cfg, run.config.fed.split_k)).sum())
+    client_layers = split_lib.num_client_layers(run.model_cfg, run.config.fed.split_k)
     per_layer = sum(math.prod(x.shape[2:]) * x.dtype.itemsize for x in jax.tree.leaves(adapters))
     exchanged = 2 * per_layer * client_layers * run.num_train_clients
   return {"split_activations_and_gradients": split, "adapter_upload_and_download": exchanged,
