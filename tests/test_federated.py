@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from fellrec_jax.federated import rounds as federated
+from fellrec_jax.federated import training
 from fellrec_jax.model import lora
 from fellrec_jax.model import llama as model
 from fellrec_jax.federated import optimizer
@@ -25,7 +25,7 @@ OPT = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=2, max_grad_nor
 
 
 def local_config(k=1, accum=1, opt=OPT, prox=0.0, lcfg=LCFG, groups=1):
-  return federated.LocalConfig(split_learning.SplitConfig(CFG, lcfg, k), opt, accum, prox, groups)
+  return training.LocalConfig(split_learning.SplitConfig(CFG, lcfg, k), opt, accum, prox, groups)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def pack_steps(steps, num_steps):
       arrays["segment_ids"][s, r, sl], loss_mask[s, r, sl] = segs[r], mask
       fill[r] += len(toks)
   step_mask = np.arange(num_steps) < len(steps)
-  return federated.ClientBatches(arrays["tokens"], arrays["positions"], arrays["segment_ids"], loss_mask, step_mask)
+  return training.ClientBatches(arrays["tokens"], arrays["positions"], arrays["segment_ids"], loss_mask, step_mask)
 
 
 def stack_clients(*batches):
@@ -76,13 +76,13 @@ def fresh_adapters(num_clients, seed=1):
 
 def run_round(base, prefix, prefix_mask, adapters, batches, lc, warmup=2, lr_scale=None, sequential=False, lanes=0):
   copy = lambda tree: jax.tree.map(jnp.array, tree)  # local_round donates the states it is given
-  states = federated.init_client_states(copy(adapters), lc, jax.random.PRNGKey(9))
+  states = training.init_client_states(copy(adapters), lc, jax.random.PRNGKey(9))
   num_clients = batches.step_mask.shape[0]
-  ctx = federated.RoundContext(jnp.int32(warmup), jnp.ones(num_clients) if lr_scale is None else lr_scale)
+  ctx = training.RoundContext(jnp.int32(warmup), jnp.ones(num_clients) if lr_scale is None else lr_scale)
   anchors = copy(adapters) if lc.prox_mu else None
   if sequential:
-    return federated.sequential_local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc)
-  return federated.local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc, lanes=lanes)
+    return training.sequential_local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc)
+  return training.local_round(base, states, batches, prefix, prefix_mask, anchors, ctx, lc=lc, lanes=lanes)
 
 
 def plain_training(base, prefix, prefix_mask, steps, adapters, opt=OPT):
@@ -185,13 +185,13 @@ def test_vmapped_round_equals_clients_one_by_one(world, lanes, fresh, groups):
 
 def test_lane_schedule_balances_and_covers_every_step():
   steps = [7, 2, 5, 0, 3]
-  schedule = federated.lane_schedule(steps, lanes=2)
+  schedule = training.lane_schedule(steps, lanes=2)
   assert schedule.client.shape == (9, 2)  # loads: 7+2 and 5+3, longest first
   for c, n in enumerate(steps):
     slots = schedule.active & (schedule.client == c)
     assert slots.sum() == n and sorted(schedule.step[slots].tolist()) == list(range(n))
     assert (schedule.first & slots).sum() == (n > 0) and (schedule.last & slots).sum() == (n > 0)
-  full = federated.lane_schedule(steps)
+  full = training.lane_schedule(steps)
   assert full.client.shape == (7, 5) and full.client[0].tolist() == [0, 1, 2, 0, 4]
 
 
@@ -221,7 +221,7 @@ def test_validation_nll_matches_the_plain_loss(world):
   base, prefix, prefix_mask, examples = world
   steps = [examples[0:4], examples[4:7]]
   adapters = fresh_adapters(1)
-  total, count = federated.validation_nll(base, adapters, stack_clients(pack_steps(steps, 3)), prefix, prefix_mask,
+  total, count = training.validation_nll(base, adapters, stack_clients(pack_steps(steps, 3)), prefix, prefix_mask,
                                           lc=local_config())
   plain_total, plain_count = 0.0, 0.0
   for examples_ in steps:
@@ -247,7 +247,7 @@ import sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from test_federated import make_world, pack_steps, stack_clients, fresh_adapters, local_config, run_round
-from fellrec_jax.federated import rounds as federated
+from fellrec_jax.federated import training
 from fellrec_jax.federated import sharding
 base, prefix, prefix_mask, examples = make_world()
 C = 4
@@ -259,10 +259,10 @@ adapters = fresh_adapters(C)
 one, one_metrics = run_round(base, prefix, prefix_mask, adapters, batches, lc)
 mesh = sharding.make_mesh(clients=2)
 put = lambda tree: sharding.put_clients(tree, mesh)
-states = federated.init_client_states(put(jax.tree.map(np.array, adapters)), lc, jax.random.PRNGKey(9))
-assert federated.client_mesh(states) is mesh and federated.streams(lc, states)
-ctx = federated.RoundContext(np.int32(2), put(np.ones(C, np.float32)))
-two, two_metrics = federated.local_round(sharding.replicate(base, mesh), states, put(batches), prefix, prefix_mask,
+states = training.init_client_states(put(jax.tree.map(np.array, adapters)), lc, jax.random.PRNGKey(9))
+assert training.client_mesh(states) is mesh and training.streams(lc, states)
+ctx = training.RoundContext(np.int32(2), put(np.ones(C, np.float32)))
+two, two_metrics = training.local_round(sharding.replicate(base, mesh), states, put(batches), prefix, prefix_mask,
                                          None, ctx, lc=lc)
 assert len(jax.tree.leaves(two.adapters)[0].sharding.device_set) == 2
 for a, b in zip(jax.tree.leaves((one.adapters, one_metrics)), jax.tree.leaves((two.adapters, two_metrics))):

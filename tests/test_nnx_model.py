@@ -38,7 +38,7 @@ def test_split_of_a_loaded_model_gives_the_states_training_uses(hf_dir):
   model = hf_interop.load_model(path, LCFG, key)
   _, adapter_state, base_state = nnx.split(model, llama.Adapter, ...)
   base, adapters = nnx.to_pure_dict(base_state), nnx.to_pure_dict(adapter_state)
-  # What a run loads (run/train.load_base) and what every client starts from (run/train.init_state).
+  # What a run loads (run/setup.load_base) and what every client starts from (run/state.init_state).
   cfg, run_base = hf_interop.load_llama(path)
   run_adapters = lora.init_adapters(cfg, LCFG, key)
   assert jax.tree.structure(base) == jax.tree.structure(run_base)

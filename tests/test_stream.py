@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fellrec_jax.federated import rounds as federated
+from fellrec_jax.federated import training
 from fellrec_jax.model import lora
 from fellrec_jax.model import llama as model
 from fellrec_jax.federated import optimizer
@@ -36,7 +36,7 @@ def pack(steps, P, num_steps, rs):
       segments[s, r, span] = count[r]
       loss_mask[s, r, span] = (np.arange(n) >= (0 if P else 1)) * rs.randint(0, 2, n).clip(0, 1) + (np.arange(n) > n // 2)
       fill[r] += n
-  return federated.ClientBatches(tokens, positions, segments, np.minimum(loss_mask, 1.0),
+  return training.ClientBatches(tokens, positions, segments, np.minimum(loss_mask, 1.0),
                                  np.arange(num_steps) < len(steps))
 
 
@@ -103,17 +103,17 @@ def test_budgets_count_the_busiest_step_over_all_clients():
 def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh):
   lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
   opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1, fresh_each_round=fresh)
-  lc = federated.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum, prox)
+  lc = training.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum, prox)
   base = model.init_params(CFG, jax.random.PRNGKey(0))
   prefix, prefix_mask = jnp.arange(3, 9, dtype=jnp.int32), jnp.ones(6, jnp.float32).at[0].set(0.0)
   batches = client_batches(6, seed=1)
   adapters = adapters_of(4, lcfg)
   anchors = adapters_of(4, lcfg, seed=7) if prox else None
-  ctx = federated.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
-  states = lambda: federated.init_client_states(jax.tree.map(jnp.array, adapters), lc, jax.random.PRNGKey(4))
+  ctx = training.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
+  states = lambda: training.init_client_states(jax.tree.map(jnp.array, adapters), lc, jax.random.PRNGKey(4))
   budget = stream.group_budgets(batches.segment_ids, batches.step_mask, accum)
-  got = federated._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc, budget=budget)
-  want = federated._vmapped_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc)
+  got = training._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc, budget=budget)
+  want = training._vmapped_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
@@ -138,12 +138,12 @@ def test_round_budgets_of_waves_are_taken_over_lanes():
   W, V, R, T = 2, 6, 2, 8
   segment_ids = rs.randint(1, 3, (W, V, R, T)) * (rs.rand(W, V, R, T) < 0.9)
   step_mask = np.ones((W, V), bool)
-  waves = federated.ClientBatches(segment_ids, segment_ids, segment_ids, segment_ids, step_mask)
-  lc = federated.LocalConfig(split=None, optimizer=None, stream_groups=2)
-  budgets = federated.stream_budgets(waves, lc, waves=True)
+  waves = training.ClientBatches(segment_ids, segment_ids, segment_ids, segment_ids, step_mask)
+  lc = training.LocalConfig(split=None, optimizer=None, stream_groups=2)
+  budgets = training.stream_budgets(waves, lc, waves=True)
   for (a, b), budget in zip(stream.group_bounds(V, 2), budgets):
     valid = segment_ids[:, a:b] > 0
     assert budget.tokens >= valid.sum(axis=(1, 2, 3)).max()
     assert budget.rows >= valid.any(-1).sum(axis=(1, 2)).max()
-  flat = federated.stream_budgets(waves, lc)  # the [C, S] reading: members = waves
+  flat = training.stream_budgets(waves, lc)  # the [C, S] reading: members = waves
   assert len(flat) == 2 and flat != budgets

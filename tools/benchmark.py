@@ -75,7 +75,7 @@ def parse_args(argv=None):
                  "clients axis; each streams its own clients); on a CPU, XLA host devices. Cases whose client "
                  "count it does not divide, or that use lanes, run on one")
   p.add_argument("--stream_groups", type=int, default=2, help="our clients' tokens as this many independent "
-                 "streams per step (federated.LocalConfig.stream_groups)")
+                 "streams per step (training.LocalConfig.stream_groups)")
   p.add_argument("--loss_chunk", type=int, default=512, help="our positions per LM-head chunk (0: all; 512 ran 4%% faster than 1024 on a 2-core CPU)")
   p.add_argument("--reps", type=int, default=4, help="timed rounds per side and case (the median is reported)")
   p.add_argument("--block", type=int, default=2, help="CPU: timed rounds a side runs in a row before the other "
@@ -280,11 +280,11 @@ def worker_peak(spec: dict) -> dict:
 
 
 def jax_side(spec: dict):
-  """(one_round, summary) of our side: one call of federated.local_round per round."""
+  """(one_round, summary) of our side: one call of training.local_round per round."""
   import jax
   import jax.numpy as jnp
   from fellrec_jax.data import batching
-  from fellrec_jax.federated import rounds as federated
+  from fellrec_jax.federated import training
   from fellrec_jax.model import hf_interop
   from fellrec_jax.federated import optimizer
   from fellrec_jax.federated import split_learning
@@ -304,12 +304,12 @@ def jax_side(spec: dict):
   client_examples = [[(examples[i], _label_mask(len(examples[i]))) for i in a] for a in spec["assignment"]]
   plan = batching.make_plan(client_examples, prefix_len=len(prefix_ids), batch_size=spec["batch_size"],
                             local_epochs=1, seed=spec["seed"], num_rounds=1, row_len=spec["row_len"])
-  batches = jax.device_put(federated.batches_from(batching.round_batches(plan, 0)))
+  batches = jax.device_put(training.batches_from(batching.round_batches(plan, 0)))
   opt = optimizer.OptimizerConfig(learning_rate=spec["learning_rate"], warmup_steps=spec["warmup_steps"])
-  lc = federated.LocalConfig(split_learning.SplitConfig(cfg, lcfg, spec["k"], spec["loss_chunk"]), opt,
+  lc = training.LocalConfig(split_learning.SplitConfig(cfg, lcfg, spec["k"], spec["loss_chunk"]), opt,
                              stream_groups=spec["stream_groups"])
   C = len(spec["assignment"])
-  ctx = federated.RoundContext(jnp.int32(spec["warmup_steps"]), jnp.ones(C, jnp.float32))
+  ctx = training.RoundContext(jnp.int32(spec["warmup_steps"]), jnp.ones(C, jnp.float32))
   stacked = jax.tree.map(lambda x: np.broadcast_to(x, (C, *x.shape)), init)
   prefix = (jnp.asarray(prefix_ids, jnp.int32), jnp.asarray(prefix_mask, jnp.float32))
   lanes = spec["lanes"] if C > spec["lanes"] else 0
@@ -320,15 +320,15 @@ def jax_side(spec: dict):
     mesh = sharding.make_mesh(clients=devices)
     put = lambda tree: sharding.put_clients(tree, mesh)
     base, batches = sharding.replicate(base, mesh), put(batches)
-    ctx = federated.RoundContext(ctx.warmup_steps, put(ctx.lr_scale))
+    ctx = training.RoundContext(ctx.warmup_steps, put(ctx.lr_scale))
   rss_before = current_rss_mb()
   losses, last = [], {}
 
   def one_round():
-    states = put(federated.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
+    states = put(training.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
     jax.block_until_ready(states)
     start, cpu = time.perf_counter(), cpu_seconds()
-    states, metrics = federated.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes)
+    states, metrics = training.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes)
     jax.block_until_ready((states, metrics))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     losses[:] = np.asarray(metrics.train_loss).tolist()
@@ -351,16 +351,16 @@ def jax_side(spec: dict):
 def executed_flops(plan, batches, lc, lanes: int, states) -> dict:
   """The FLOPs our round executes, in the layout local_round chose for client states placed as `states`:
   streamed (on one device, or on each device of a client mesh), or packed rows per client."""
-  from fellrec_jax.federated import rounds as federated
+  from fellrec_jax.federated import training
   from fellrec_jax.federated import stream
   from fellrec_jax.analysis import flops as flops_lib
   cfg, lcfg = lc.split.model, lc.split.lora
-  streamed = federated.streams(lc, states, bool(lanes))
-  mesh = federated.client_mesh(states) if streamed else None
+  streamed = training.streams(lc, states, bool(lanes))
+  mesh = training.client_mesh(states) if streamed else None
   devices = mesh.shape["clients"] if mesh is not None else 1
   if lanes:  # waves [W, V]: a step of V lanes per wave
-    schedule = federated.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
-    batches = federated.arrange(batches, schedule)
+    schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
+    batches = training.arrange(batches, schedule)
     steps, width = batches.step_mask.shape
   else:  # [C, S]: a step of all C clients per step
     width, steps = batches.step_mask.shape
@@ -369,7 +369,7 @@ def executed_flops(plan, batches, lc, lanes: int, states) -> dict:
     return {"streamed": False, "executed_flops": steps * per_step}
   # As local_round computes them: each of the devices streams width / devices members with these budgets.
   groups = stream.group_bounds(width // devices, lc.stream_groups)
-  budgets = federated.stream_budgets(batches, lc, waves=bool(lanes), shards=devices)
+  budgets = training.stream_budgets(batches, lc, waves=bool(lanes), shards=devices)
   per_step = devices * sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len,
                                                              plan.prefix_len, hi - lo, stream.CAUSAL_BLOCKS)
                            for (lo, hi), b in zip(groups, budgets))

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from fellrec_jax.evaluation import metrics
 from fellrec_jax.evaluation import plots
+from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import train
 
 logger = logging.getLogger("fellrec_jax")
@@ -19,9 +20,9 @@ def compare(config, workdir, aggregators: Sequence[str]) -> dict[str, dict]:
   """Train and evaluate `config` once per aggregator (workdir/<aggregator>); write compare.md and
   compare.png. Runs share one pretrained tiny base model (workdir/base_model). Returns the reports."""
   workdir = Path(workdir)
-  unknown = [a for a in aggregators if a not in train.AGGREGATORS]
+  unknown = [a for a in aggregators if a not in setup_lib.AGGREGATORS]
   if unknown:
-    raise ValueError(f"unknown aggregators {unknown}; choose from {train.AGGREGATORS}")
+    raise ValueError(f"unknown aggregators {unknown}; choose from {setup_lib.AGGREGATORS}")
   reports = {}
   for aggregator in aggregators:
     run_config = config.copy_and_resolve_references()

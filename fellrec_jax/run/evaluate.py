@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 
 from fellrec_jax.run import checkpoint
+from fellrec_jax.run import setup as setup_lib
+from fellrec_jax.run import state as state_lib
 from fellrec_jax.evaluation import metrics
 from fellrec_jax.evaluation import plots
 from fellrec_jax.data import prompts
@@ -112,15 +114,13 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def evaluate_workdir(workdir, **eval_overrides) -> dict:
   """Evaluate the best adapters of the run in `workdir` (from its latest checkpoint)."""
-  from fellrec_jax.run import train
-
   config = load_config(workdir)
   for key, value in eval_overrides.items():
     if value is not None:
       config.eval[key] = value
-  run = train.setup(config, workdir)
+  run = setup_lib.setup(config, workdir)
   mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
-  restored = checkpoint.restore(mngr, train.checkpointable(train.init_state(run)))
+  restored = checkpoint.restore(mngr, state_lib.checkpointable(state_lib.init_state(run)))
   if restored is None:
     raise FileNotFoundError(f"{run.workdir / 'checkpoints'}: no checkpoint to evaluate")
   step, saved, _ = restored

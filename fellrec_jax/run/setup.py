@@ -1,0 +1,168 @@
+"""A run's setup from its config: the data, the base model, the device mesh, local training's settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fellrec_jax.data import batching
+from fellrec_jax.data import pipeline
+from fellrec_jax.federated import optimizer as optimizer_lib
+from fellrec_jax.federated import sharding
+from fellrec_jax.federated import split_learning
+from fellrec_jax.federated import training
+from fellrec_jax.model import hf_interop
+from fellrec_jax.model import llama as model_lib
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.model import split as split_lib
+from fellrec_jax.run import pretrain
+
+logger = logging.getLogger("fellrec_jax")
+
+AGGREGATORS = ("fellrec", "fedavg", "fedprox", "ditto", "local", "centralized")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything set up for training (host-side)."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  data: pipeline.FederatedData
+  model_cfg: model_lib.LlamaConfig
+  lcfg: lora_lib.LoraConfig
+  lc: training.LocalConfig
+  base: Any
+  mesh: Any
+  train_plan: batching.BatchPlan  # the plan training batches come from (one merged client if centralized)
+  num_train_clients: int
+
+  @property
+  def num_clients(self) -> int:
+    return self.data.num_clients
+
+  @property
+  def aggregator(self) -> str:
+    return self.config.fed.aggregator
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup
+
+
+def validate_config(config) -> None:
+  """Clear errors for impossible configs before any work is done."""
+  fed = config.fed
+  if fed.aggregator not in AGGREGATORS:
+    raise ValueError(f"fed.aggregator={fed.aggregator!r} is unknown; choose from {AGGREGATORS}")
+  for name in ("rounds", "local_epochs", "stream_groups"):
+    if fed[name] < 1:
+      raise ValueError(f"fed.{name} must be >= 1, got {fed[name]}")
+  if fed.num_clients < 1 and not (fed.num_clients == 0 and config.data.partition == "per_user"):
+    raise ValueError(f"fed.num_clients must be >= 1 (or 0 with data.partition=per_user: one client per "
+                     f"user), got {fed.num_clients}")
+  if fed.server_adapters not in ("per_client", "shared"):
+    raise ValueError(f"fed.server_adapters must be 'per_client' or 'shared', got {fed.server_adapters!r}")
+  if config.fellrec.heat_apply_to not in ("aggregation", "aggregation_and_local_lr"):
+    raise ValueError("fellrec.heat_apply_to must be 'aggregation' or 'aggregation_and_local_lr', got "
+                     f"{config.fellrec.heat_apply_to!r}")
+  if config.fellrec.temperature <= 0 or config.fellrec.beta <= 0:
+    raise ValueError("fellrec.temperature and fellrec.beta must be > 0")
+  if config.train.accum_steps < 1:
+    raise ValueError(f"train.accum_steps must be >= 1, got {config.train.accum_steps}")
+  if config.checkpoint_every < 1:
+    raise ValueError(f"checkpoint_every must be >= 1, got {config.checkpoint_every}")
+
+
+def setup_logging(workdir: Path) -> None:
+  logger.setLevel(logging.INFO)
+  if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == workdir / "train.log"
+             for h in logger.handlers):
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+  if not logging.getLogger().handlers and not any(type(h) is logging.StreamHandler for h in logger.handlers):
+    stream = logging.StreamHandler()  # nobody prints our records yet (no root handler)
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(stream)
+
+
+def load_base(config, data: pipeline.FederatedData, workdir: Path):
+  """(LlamaConfig, base params): the configured HF checkpoint, or the tiny base pretrained on the titles."""
+  tokenizer = data.tokenizer
+  if config.model.hf_dir:
+    cfg, base = hf_interop.load_llama(config.model.hf_dir, dtype=config.model.dtype)
+    if len(tokenizer) > cfg.vocab_size:
+      raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {config.model.hf_dir} has vocab_size "
+                       f"{cfg.vocab_size}: set data.tokenizer_path to the checkpoint's tokenizer")
+    return cfg, base
+  m = config.model
+  cfg = model_lib.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+      head_dim=m.hidden_size // m.num_heads, rope_theta=m.rope_theta,
+      max_position_embeddings=m.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id, pad_token_id=data.pad_id, dtype=m.dtype)
+  p = config.pretrain
+  return pretrain.load_or_pretrain(p.get("cache_dir") or workdir / "base_model", cfg, tokenizer, data.dataset.catalog,
+                                   steps=p.steps, rows=p.rows, row_len=p.row_len,
+                                   learning_rate=p.learning_rate, seed=config.seed)
+
+
+def local_config(config, model_cfg, lcfg) -> training.LocalConfig:
+  t = config.train
+  opt = optimizer_lib.OptimizerConfig(
+      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, schedule=t.schedule,
+      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, fresh_each_round=t.fresh_optimizer)
+  split = split_learning.SplitConfig(model_cfg, lcfg, config.fed.split_k, config.model.loss_chunk,
+                                     config.model.remat)
+  prox = {"fedprox": config.fed.prox_mu, "ditto": config.fed.ditto_lambda}.get(config.fed.aggregator, 0.0)
+  return training.LocalConfig(split, opt, config.train.accum_steps, prox, config.fed.stream_groups)
+
+
+def setup(config, workdir) -> Run:
+  validate_config(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  setup_logging(workdir)
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.model)
+  data = pipeline.build_federated_data(
+      config.data, num_clients=config.fed.num_clients, seed=config.seed, workdir=workdir,
+      local_epochs=config.fed.local_epochs, rows_multiple=config.train.accum_steps, num_rounds=config.fed.rounds)
+  model_cfg, base = load_base(config, data, workdir)
+  split_lib.check_split(model_cfg, config.fed.split_k)
+  lcfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                             targets=tuple(config.lora.targets))
+  lc = local_config(config, model_cfg, lcfg)
+  plan = data.train_plan
+  if config.fed.aggregator == "centralized":
+    plan = merged_plan(data, config)
+  if data.num_clients % config.mesh.clients:
+    logger.warning("%d clients do not divide mesh.clients=%d: client state is replicated, not sharded",
+                   data.num_clients, config.mesh.clients)
+  base = sharding.put_base(base, mesh)
+  return Run(config, workdir, data, model_cfg, lcfg, lc, base, mesh, plan, plan.num_clients)
+
+
+def merged_plan(data: pipeline.FederatedData, config) -> batching.BatchPlan:
+  """The centralized baseline: one client holding every client's training examples."""
+  prefix = data.prefix_ids
+  merged = [(np.concatenate([prefix, ids]).astype(np.int32),
+             np.concatenate([data.prefix_loss_mask, mask]).astype(np.float32))
+            for suffixes in data.train_plan.suffixes for ids, mask in suffixes]
+  p = data.train_plan
+  return batching.make_plan([merged], prefix_len=p.prefix_len, batch_size=p.batch_size,
+                            local_epochs=p.local_epochs, seed=config.seed, num_rounds=p.num_rounds,
+                            row_len=p.row_len, rows_multiple=config.train.accum_steps, pad_id=p.pad_id)
+
+
+def config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+

@@ -1,0 +1,112 @@
+"""The state of a run (client states, each client's best adapters, the server's), as it is checkpointed
+and resumed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fellrec_jax.federated import heating
+from fellrec_jax.federated import sharding
+from fellrec_jax.federated import training
+from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.run import checkpoint
+from fellrec_jax.run.setup import Run, config_dict
+
+logger = logging.getLogger("fellrec_jax")
+
+# Fields that may differ when a run is resumed: they do not change the numbers of the rounds already run.
+RESUMABLE_FIELDS = ("max_rounds_per_run", "checkpoint_every", "keep_checkpoints", "eval")
+
+
+class ServerState(NamedTuple):
+  rounds_done: jax.Array  # int32: completed rounds
+  heat: heating.HeatState  # FELLRec's curriculum-heating state (round counter, last warm weights)
+  best_val: jax.Array  # [C] best validation loss of each client
+  best_round: jax.Array  # [C] round of that best (-1: none yet)
+  best_weighted: jax.Array  # best weighted validation loss (early stopping)
+  stale_rounds: jax.Array  # int32: rounds since the weighted loss last improved
+  stopped: jax.Array  # bool: early stopping fired
+
+
+class TrainState(NamedTuple):
+  clients: training.ClientStates  # the models clients train and are evaluated with (personal for ditto)
+  global_clients: Any  # ditto: each client's copy of the global model (ClientStates); else None
+  best_adapters: Any  # [C, ...] each client's best adapters so far
+  server: ServerState
+
+
+def init_state(run: Run) -> TrainState:
+  config = run.config
+  key_adapters, key_clients, key_global = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  one = lora_lib.init_adapters(run.model_cfg, run.lcfg, key_adapters)  # every client starts from the same
+  stack = lambda n: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)).copy(), one)
+  clients = training.init_client_states(stack(run.num_train_clients), run.lc, key_clients)
+  global_clients = None
+  if run.aggregator == "ditto":
+    global_clients = training.init_client_states(stack(run.num_train_clients), run.lc, key_global)
+  C = run.num_clients
+  server = ServerState(
+      rounds_done=jnp.int32(0), heat=heating.HeatState(jnp.int32(0), jnp.ones(C, jnp.float32)),
+      best_val=jnp.full(C, jnp.inf, jnp.float32), best_round=jnp.full(C, -1, jnp.int32),
+      best_weighted=jnp.float32(jnp.inf), stale_rounds=jnp.int32(0), stopped=jnp.bool_(False))
+  state = TrainState(clients, global_clients, stack(C), server)
+  return place(run, state)
+
+
+def place(run: Run, state: TrainState) -> TrainState:
+  """Client-stacked parts sharded over the mesh's `clients` axis; the server state replicated."""
+  put = lambda tree: sharding.put_clients(tree, run.mesh)
+  return TrainState(put(state.clients), None if state.global_clients is None else put(state.global_clients),
+                    put(state.best_adapters), sharding.replicate(state.server, run.mesh))
+
+
+def resume_or_init(run: Run, mngr) -> TrainState:
+  fresh = init_state(run)
+  fingerprint = checkpoint.config_fingerprint(config_dict(run.config), RESUMABLE_FIELDS)
+  restored = checkpoint.restore(mngr, checkpointable(fresh))
+  if restored is None:
+    return fresh
+  step, saved, meta = restored
+  checkpoint.check_resumable(meta["config"], fingerprint, run.workdir)
+  logger.info("resuming %s from its checkpoint after round %d", run.workdir, step - 1)
+  truncate_metrics(run.workdir / "metrics.jsonl", step)
+  return place(run, from_checkpointable(saved, fresh))
+
+
+def checkpointable(state: TrainState):
+  """The state as Orbax stores it (no None: absent parts become empty dicts)."""
+  clients = state.clients._asdict()
+  clients["opt_state"] = clients["opt_state"] if clients["opt_state"] is not None else {}
+  glob = {} if state.global_clients is None else state.global_clients._asdict()
+  if glob and glob["opt_state"] is None:
+    glob["opt_state"] = {}
+  return {"clients": clients, "global_clients": glob, "best_adapters": state.best_adapters,
+          "server": state.server._asdict() | {"heat": state.server.heat._asdict()}}
+
+
+def from_checkpointable(saved, like: TrainState) -> TrainState:
+  def clients_from(d, like_clients):
+    return training.ClientStates(d["adapters"], d["opt_state"] if like_clients.opt_state is not None else None,
+                                  d["rng"])
+  server = dict(saved["server"])
+  server["heat"] = heating.HeatState(**server["heat"])
+  glob = None if like.global_clients is None else clients_from(saved["global_clients"], like.global_clients)
+  return TrainState(clients_from(saved["clients"], like.clients), glob, saved["best_adapters"],
+                    ServerState(**server))
+
+
+def truncate_metrics(path: Path, rounds_done: int) -> None:
+  """Drop metrics of rounds after the checkpoint (written before an interruption), so they are redone."""
+  if not path.exists():
+    return
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  kept = [line for line in lines if json.loads(line)["round"] < rounds_done]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
