@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fellrec_jax.run import cli
 from fellrec_jax.run import comparison
-from fellrec_jax.federated import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (configs/*.py[:smoke]).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Output directory.")
@@ -26,9 +26,10 @@ _AGGREGATORS = flags.DEFINE_list("aggregators", ["fellrec", "fedavg", "local", "
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  sharding.enough_cpu_threads()
+  config = _CONFIG.value
+  cli.run(cli.join, config.mesh.clients * config.mesh.model)
   logging.set_verbosity(logging.WARNING)
-  comparison.compare(_CONFIG.value, _WORKDIR.value, _AGGREGATORS.value)
+  cli.run(comparison.compare, config, _WORKDIR.value, _AGGREGATORS.value)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from absl import app, flags, logging  # noqa: E402
 
+from fellrec_jax.run import cli
+from fellrec_jax.run import distributed
 from fellrec_jax.run import evaluate as evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a train.py run.", required=True)
@@ -25,9 +27,13 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Generated tokens.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = evaluation.load_config(_WORKDIR.value)
+  cli.run(cli.join, config.mesh.clients * config.mesh.model)
   logging.set_verbosity(logging.WARNING)
-  report = evaluation.evaluate_workdir(_WORKDIR.value, mode=_MODE.value, max_test_users=_MAX_USERS.value,
-                                       num_beams=_BEAMS.value, max_new_tokens=_MAX_NEW.value)
+  report = cli.run(evaluation.evaluate_workdir, _WORKDIR.value, mode=_MODE.value, max_test_users=_MAX_USERS.value,
+                   num_beams=_BEAMS.value, max_new_tokens=_MAX_NEW.value)
+  if not distributed.is_main():
+    return
   print(json.dumps({"overall": report["overall"],
                     "popularity": report["baselines"]["popularity"]["overall"]}, indent=2))
 

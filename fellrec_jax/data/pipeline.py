@@ -137,7 +137,8 @@ def _load_or_generate(data_config, workdir: Path) -> Dataset:
   if data_config.path:
     return load_dataset(data_config.path)
   dataset = synthetic.generate(data_config.synthetic)
-  save_dataset(workdir / "dataset", dataset)  # what the run trained on, for inspection and reuse
+  if not (workdir / "dataset").exists():  # what the run trained on (written once), for inspection and reuse
+    save_dataset(workdir / "dataset", dataset)
   return dataset
 
 

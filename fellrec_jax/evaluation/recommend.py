@@ -232,28 +232,46 @@ def select_client(stacked_adapters, client: int):
   return jax.tree.map(lambda x: x[client], stacked_adapters)
 
 
-def evaluate_clients(base, cfg, lcfg, tokenizer, catalog: Catalog, client_adapters, client_cases,
-                     rcfg: RankingConfig = RankingConfig()) -> tuple[dict, dict[int, Ranking]]:
-  """(eval.json report, rankings by client) of every client's test cases with its own adapters.
+class ClientResult(NamedTuple):
+  metrics: dict  # metrics.topk_metrics of the client's test cases
+  num_test_users: int  # its cases with ground truth (its weight in `overall`)
+  ranking: Ranking
+
+
+def rank_clients(base, cfg, lcfg, tokenizer, catalog: Catalog, client_adapters, client_cases,
+                 rcfg: RankingConfig = RankingConfig(), clients=None) -> dict[int, ClientResult]:
+  """The result of each client in `clients` (default: all) that has test cases, with its own adapters.
 
   client_adapters: a list of adapter pytrees, or one pytree with a leading client axis.
   client_cases: per client, test cases with `prompt_ids`, `target_item_ids` and `history_item_ids`
-  (the data layer's TestCase). A client without test cases is left out of the report. Each client is
-  weighted by its cases with ground truth, so `overall` is the mean over all those cases.
+  (the data layer's TestCase).
   """
-  per_client, counts, clients, rankings = [], [], [], {}
-  progress = tqdm(list(enumerate(client_cases)), desc="evaluating clients", unit="client",
-                  disable=len(client_cases) < 2)
-  for client, cases in progress:
-    if not cases:
-      continue
+  clients = range(len(client_cases)) if clients is None else clients
+  todo = [int(c) for c in clients if client_cases[c]]
+  results = {}
+  for client in tqdm(todo, desc="evaluating clients", unit="client", disable=len(todo) < 2):
+    cases = client_cases[client]
     adapters = client_adapters[client] if isinstance(client_adapters, (list, tuple)) else select_client(
         client_adapters, client)
     ranking = rank_client(base, adapters, cfg, lcfg, tokenizer, catalog, [c.prompt_ids for c in cases],
                           [c.history_item_ids for c in cases], rcfg)
     truth = [c.target_item_ids for c in cases]
-    per_client.append(metrics.topk_metrics(ranking.items, truth, rcfg.ks))
-    counts.append(sum(1 for t in truth if len(t)))
-    clients.append(client)
-    rankings[client] = ranking
-  return metrics.client_report(per_client, counts, clients), rankings
+    results[client] = ClientResult(metrics.topk_metrics(ranking.items, truth, rcfg.ks),
+                                   sum(1 for t in truth if len(t)), ranking)
+  return results
+
+
+def report_of(results: dict[int, ClientResult]) -> dict:
+  """eval.json's report from the clients' results: each client weighted by its cases with ground truth,
+  so `overall` is the mean over all those cases."""
+  clients = sorted(results)
+  return metrics.client_report([results[c].metrics for c in clients], [results[c].num_test_users for c in clients],
+                               clients)
+
+
+def evaluate_clients(base, cfg, lcfg, tokenizer, catalog: Catalog, client_adapters, client_cases,
+                     rcfg: RankingConfig = RankingConfig()) -> tuple[dict, dict[int, Ranking]]:
+  """(eval.json report, rankings by client) of every client's test cases with its own adapters; a client
+  without test cases is left out (see rank_clients)."""
+  results = rank_clients(base, cfg, lcfg, tokenizer, catalog, client_adapters, client_cases, rcfg)
+  return report_of(results), {c: r.ranking for c, r in results.items()}

@@ -13,6 +13,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Partition of the weight of each module of the base (layer-stacked weights start with the layer axis);
@@ -24,6 +25,10 @@ BASE_RULES = {
     "gate_proj": P(None, None, "model"), "up_proj": P(None, None, "model"),
     "o_proj": P(None, "model", None), "down_proj": P(None, "model", None),
 }
+
+
+class MeshError(ValueError):
+  """A mesh that does not fit the job's devices."""
 
 
 def enough_cpu_threads() -> None:
@@ -40,13 +45,24 @@ def enough_cpu_threads() -> None:
 
 
 def make_mesh(clients: int = 1, model: int = 1) -> Mesh:
-  devices = jax.devices()
+  """A (clients, model) mesh over the first clients*model devices, ordered by process: a row of the
+  `clients` axis (one client shard's `model` devices) then lies within one process, so that each process
+  holds whole clients. A multi-process job must use every device, and each process a whole number of rows.
+  """
   if clients < 1 or model < 1:
     raise ValueError(f"mesh.clients and mesh.model must be >= 1, got {clients} and {model}")
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if clients * model > len(devices):
     raise ValueError(f"mesh.clients * mesh.model = {clients * model} devices, but only {len(devices)} are "
                      f"visible ({devices[0].platform}); on CPU, set "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={clients * model}")
+  if jax.process_count() > 1:
+    local = jax.local_device_count()
+    if clients * model != len(devices) or local % model:
+      raise MeshError(
+          f"mesh.clients x mesh.model = {clients} x {model} does not match the job's devices: "
+          f"{jax.process_count()} processes with {local} devices each ({len(devices)} in all). Every device "
+          f"must be in the mesh, and mesh.model must divide each process's {local} devices")
   return Mesh(np.asarray(devices[:clients * model]).reshape(clients, model), ("clients", "model"))
 
 
@@ -73,7 +89,20 @@ def client_shardings(tree, mesh: Mesh):
 
 
 def put_clients(tree, mesh: Mesh):
-  return jax.device_put(tree, client_shardings(tree, mesh))
+  """Client-stacked values, the same full value on every process, sharded over `clients` (through the
+  host, as `replicate`)."""
+  return jax.device_put(to_host(tree), client_shardings(tree, mesh))
+
+
+def put_local_clients(tree, mesh: Mesh, num_clients: int):
+  """Client-stacked values of this process's clients only (distributed.local_clients), as global arrays
+  of all `num_clients` clients sharded over `clients`: no process holds another's clients' data."""
+  def one(x):
+    x = np.asarray(x)
+    shape = (num_clients, *x.shape[1:])
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, _fits(P("clients"), shape, mesh)), x, shape)
+
+  return jax.tree.map(one, tree)
 
 
 def put_base(base, mesh: Mesh):
@@ -81,4 +110,17 @@ def put_base(base, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, jax.tree.map(lambda _: NamedSharding(mesh, P()), tree))
+  """Every leaf whole on every device of the mesh. Through the host: a value committed to one device
+  does not become a global array of a multi-process mesh by device_put."""
+  return jax.device_put(to_host(tree), NamedSharding(mesh, P()))
+
+
+def to_host(tree):
+  """numpy values of a pytree of arrays, on every process (arrays sharded across processes are gathered:
+  every process must call this at the same point)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)

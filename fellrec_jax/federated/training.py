@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fellrec_jax.model import llama as model_lib
@@ -407,7 +408,10 @@ def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
   step of every client per step; or of waves [W, V, ...] (`arrange`), where a stream's members are the V
   lanes and its steps are the waves, so the budgets are taken over [V, W, ...]. With `shards`, the
   members are split into that many equal shards (devices), each its own streams; one program runs on
-  all of them, so each group's budget is the largest over the shards."""
+  all of them, so each group's budget is the largest over the shards. In a multi-process job each process
+  measures the shards it holds, and the largest over all processes is taken."""
+  if isinstance(batches.segment_ids, jax.Array) and not batches.segment_ids.is_fully_addressable:
+    return _multiprocess_budgets(batches, lc)
   segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
   if waves:
     segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
@@ -415,6 +419,19 @@ def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
   parts = [stream.group_budgets(segment_ids[i * size:(i + 1) * size], step_mask[i * size:(i + 1) * size],
                                 lc.accum_steps, lc.stream_groups) for i in range(shards)]
   return tuple(stream.Budgets(max(b.tokens for b in group), max(b.rows for b in group)) for group in zip(*parts))
+
+
+def _multiprocess_budgets(batches: ClientBatches, lc: LocalConfig) -> tuple[stream.Budgets, ...]:
+  """stream_budgets of client-sharded global arrays: each device's shard measured where it lives."""
+  def local_shards(x):
+    by_start = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
+    return [by_start[k] for k in sorted(by_start)]
+
+  parts = [stream.group_budgets(seg, mask, lc.accum_steps, lc.stream_groups)
+           for seg, mask in zip(local_shards(batches.segment_ids), local_shards(batches.step_mask))]
+  local = np.asarray([[max(b.tokens for b in group), max(b.rows for b in group)] for group in zip(*parts)])
+  largest = np.max(multihost_utils.process_allgather(local), axis=0)
+  return tuple(stream.Budgets(int(t), int(r)) for t, r in largest)
 
 
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,

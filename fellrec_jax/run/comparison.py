@@ -9,6 +9,7 @@ from typing import Sequence
 
 from fellrec_jax.evaluation import metrics
 from fellrec_jax.evaluation import plots
+from fellrec_jax.run import distributed
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import train
 
@@ -32,9 +33,12 @@ def compare(config, workdir, aggregators: Sequence[str]) -> dict[str, dict]:
       run_config.pretrain.cache_dir = str(workdir / "base_model")
     logger.info("comparison: training with aggregator %s", aggregator)
     train.train(run_config, workdir / aggregator)
+    distributed.barrier(f"compared {aggregator}")  # process 0 has written its eval.json
     reports[aggregator] = json.loads((workdir / aggregator / "eval.json").read_text())
   reports["popularity"] = reports[aggregators[0]]["baselines"]["popularity"]
   table = metrics.markdown_table(reports, TABLE_METRICS)
+  if not distributed.is_main():
+    return reports
   (workdir / "compare.md").write_text(
       f"# Aggregators on {config.data.path or 'the synthetic default'} ({config.fed.num_clients} clients, "
       f"{config.fed.rounds} rounds, eval mode {config.eval.mode})\n\n{table}\n\n"

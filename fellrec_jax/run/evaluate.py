@@ -8,6 +8,7 @@ curves). `evaluate_workdir` reloads a finished or interrupted run from its check
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from fellrec_jax.federated import sharding
 from fellrec_jax.run import checkpoint
+from fellrec_jax.run import distributed
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import state as state_lib
 from fellrec_jax.evaluation import metrics
@@ -59,29 +62,58 @@ def popularity_report(run, cases, ks) -> dict:
 
 
 def evaluate(run, best_adapters, *, out_dir=None, write: bool = True) -> dict:
-  """eval.json's report for `best_adapters` [C, ...]; with write, eval.json, predictions and plots."""
+  """eval.json's report for `best_adapters` [C, ...]; with write, eval.json, predictions and plots.
+
+  Each process ranks the test users of its own clients; the results meet in the workdir, and every
+  process returns the same report (process 0 writes the files).
+  """
   config, data = run.config, run.data
   start = time.perf_counter()
   rcfg = ranking_config(config)
   cases = test_cases(run, config.eval.max_test_users)
   reference_prompts = [prompts.prompt_text(r) for r in data.dataset.test[:3]]
   params_key = config.model.hf_dir or None
-  catalog = recommend.prepare_catalog(run.base, run.model_cfg, data.tokenizer, data.dataset.catalog,
-                                      reference_prompts, rcfg, cache_dir=run.workdir / "cache",
-                                      params_key=params_key)
-  adapters = jax.tree.map(np.asarray, best_adapters)
+  with distributed.main_first("catalog"):  # process 0 writes the catalog's embedding cache, the others read it
+    catalog = recommend.prepare_catalog(run.base, run.model_cfg, data.tokenizer, data.dataset.catalog,
+                                        reference_prompts, rcfg, cache_dir=run.workdir / "cache",
+                                        params_key=params_key)
+  adapters = sharding.to_host(best_adapters)
   lcfg = run.lcfg.__class__(run.lcfg.rank, run.lcfg.alpha, 0.0, run.lcfg.targets, run.lcfg.use_rslora)
-  report, rankings = recommend.evaluate_clients(run.base, run.model_cfg, lcfg, data.tokenizer, catalog, adapters,
-                                                cases, rcfg)
+  mine = distributed.local_clients(run.mesh, run.num_clients)
+  results = recommend.rank_clients(run.base, run.model_cfg, lcfg, data.tokenizer, catalog, adapters, cases, rcfg,
+                                   clients=mine)
+  results = all_results(results, Path(out_dir or run.workdir))
+  report, rankings = recommend.report_of(results), {c: r.ranking for c, r in results.items()}
   report["baselines"] = {"popularity": popularity_report(run, cases, rcfg.ks)}
   report["settings"] = {"mode": rcfg.mode, "num_beams": rcfg.num_beams, "max_new_tokens": rcfg.max_new_tokens,
                         "test_cases": sum(map(len, cases)), "seconds": round(time.perf_counter() - start, 1)}
   logger.info("evaluation (%s) of %d test cases in %.1f s: recall@10 %.4f (popularity %.4f)", rcfg.mode,
               sum(map(len, cases)), time.perf_counter() - start, report["overall"].get("recall@10", float("nan")),
               report["baselines"]["popularity"]["overall"].get("recall@10", float("nan")))
-  if write:
+  if write and distributed.is_main():
     write_outputs(Path(out_dir or run.workdir), report, rankings, cases, catalog.titles)
   return report
+
+
+def all_results(mine: dict, workdir: Path) -> dict:
+  """Every process's client results (each process holds its own clients'), exchanged through the workdir."""
+  if jax.process_count() == 1:
+    return mine
+  parts = workdir / "eval_parts"
+  parts.mkdir(parents=True, exist_ok=True)
+  encoded = {c: {"metrics": r.metrics, "num_test_users": r.num_test_users, "items": r.ranking.items.tolist(),
+                 "predictions": r.ranking.predictions} for c, r in mine.items()}
+  (parts / f"process_{jax.process_index()}.json").write_text(json.dumps(encoded))
+  distributed.barrier("eval_parts_written")
+  results = {}
+  for path in sorted(parts.glob("process_*.json")):
+    for client, r in json.loads(path.read_text()).items():
+      ranking = recommend.Ranking(np.asarray(r["items"], np.int64), r["predictions"])
+      results[int(client)] = recommend.ClientResult(r["metrics"], r["num_test_users"], ranking)
+  distributed.barrier("eval_parts_read")
+  if distributed.is_main():
+    shutil.rmtree(parts)
+  return results
 
 
 def write_outputs(out_dir: Path, report: dict, rankings, cases, titles) -> None:

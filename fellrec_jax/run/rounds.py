@@ -19,6 +19,7 @@ from fellrec_jax.federated import sharding
 from fellrec_jax.federated import split_learning
 from fellrec_jax.federated import training
 from fellrec_jax.model import split as split_lib
+from fellrec_jax.run import distributed
 from fellrec_jax.run.setup import Run
 from fellrec_jax.run.state import ServerState, TrainState
 
@@ -54,7 +55,7 @@ def train_clients(run: Run, clients, batches, anchors, ctx):
   """One local round; without anchors there is no proximal term (ditto's global models)."""
   lc = run.lc if anchors is not None else dataclasses.replace(run.lc, prox_mu=0.0)
   return training.local_round(run.base, clients, batches, run.data.prefix_ids, run.data.prefix_loss_mask,
-                               anchors, ctx, lc=lc, lanes=run.config.fed.clients_per_chunk)
+                               anchors, ctx, lc=lc, lanes=run.lanes)
 
 
 def eval_adapters(run: Run, adapters):
@@ -68,11 +69,16 @@ def validation_losses(run: Run, adapters, valid) -> np.ndarray:
   """[C] token-mean validation NLL of each client's adapters (nan for a client without validation data).
 
   Clients are validated `clients_per_chunk` at a time (the last chunk padded with masked copies), so that
-  memory stays bounded with thousands of clients.
+  memory stays bounded with thousands of clients; in a multi-process run all at once, each process its own.
   """
   adapters = eval_adapters(run, adapters)
   C = run.num_clients
-  chunk = run.config.fed.clients_per_chunk if 0 < run.config.fed.clients_per_chunk < C else C
+  chunk = run.config.fed.clients_per_chunk
+  if not 0 < chunk < C or jax.process_count() > 1:
+    total, count = training.validation_nll(run.base, adapters, valid, run.data.prefix_ids,
+                                           run.data.prefix_loss_mask, lc=run.lc)
+    total, count = (np.asarray(x, np.float64) for x in sharding.to_host((total, count)))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
   totals, counts = [], []
   for start in range(0, C, chunk):
     index = np.minimum(np.arange(start, start + chunk), C - 1)
@@ -80,7 +86,7 @@ def validation_losses(run: Run, adapters, valid) -> np.ndarray:
     part = jax.tree.map(lambda x: x[index], valid)
     part = part._replace(step_mask=part.step_mask & real[:, None])
     total, count = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
-                                            run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
+                                           run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
     totals.append(np.asarray(total, np.float64)[real])
     counts.append(np.asarray(count, np.float64)[real])
   total, count = np.concatenate(totals), np.concatenate(counts)
@@ -89,8 +95,7 @@ def validation_losses(run: Run, adapters, valid) -> np.ndarray:
 
 def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[TrainState, dict]:
   start = time.perf_counter()
-  batches = training.batches_from(batching.round_batches(run.train_plan, round_index))
-  batches = sharding.put_clients(batches, run.mesh)
+  batches = client_data(run, lambda clients: batching.round_batches(run.train_plan, round_index, clients))
   ctx = round_context(run, state, round_index)
   server = state.server
   global_clients = state.global_clients
@@ -114,6 +119,13 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
   record = round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, ctx.lr_scale, batches,
                         adapters, time.perf_counter() - start)
   return state, record
+
+
+def client_data(run: Run, build, num_clients: int | None = None) -> training.ClientBatches:
+  """`build(clients)`'s batches of this process's clients, as global arrays sharded over `clients`."""
+  num_clients = run.num_train_clients if num_clients is None else num_clients
+  local = distributed.local_clients(run.mesh, num_clients)
+  return sharding.put_local_clients(training.batches_from(build(local)), run.mesh, num_clients)
 
 
 def weighted_val_loss(run: Run, val: np.ndarray) -> float:
@@ -141,6 +153,7 @@ def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, r
       best_round=jnp.asarray(np.where(improved, round_index, np.asarray(server.best_round)), jnp.int32),
       best_weighted=jnp.float32(min(weighted, float(server.best_weighted))), stale_rounds=jnp.int32(stale),
       stopped=jnp.bool_(stopped))
+  server = sharding.replicate(server, run.mesh)  # a global value on every device (as Orbax saves it)
   return state._replace(best_adapters=best_adapters, server=server), improved
 
 
@@ -171,6 +184,7 @@ def comm_bytes(run: Run, batches: training.ClientBatches, metrics, adapters) -> 
 
 def round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, lr_scale, batches, adapters,
                  seconds) -> dict:
+  metrics, matrix, heat = sharding.to_host((metrics, matrix, heat))
   loss = np.asarray(metrics.train_loss, np.float64)
   steps = np.asarray(metrics.num_steps)
   warm = np.asarray(heat.warm_weight) if run.aggregator == "fellrec" else np.ones(run.num_train_clients)

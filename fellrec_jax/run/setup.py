@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -21,6 +22,7 @@ from fellrec_jax.model import hf_interop
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import split as split_lib
+from fellrec_jax.run import distributed
 from fellrec_jax.run import pretrain
 
 logger = logging.getLogger("fellrec_jax")
@@ -50,6 +52,12 @@ class Run:
   @property
   def aggregator(self) -> str:
     return self.config.fed.aggregator
+
+  @property
+  def lanes(self) -> int:
+    """Clients trained at once (0: all). A multi-process run trains all of each process's clients at once:
+    lanes would reorder clients across processes."""
+    return self.config.fed.clients_per_chunk if jax.process_count() == 1 else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,9 +89,12 @@ def validate_config(config) -> None:
 
 
 def setup_logging(workdir: Path) -> None:
+  """Log to workdir/train.log (process 0 only) and to stderr; in a multi-process job every record says
+  which process speaks."""
   logger.setLevel(logging.INFO)
-  if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == workdir / "train.log"
-             for h in logger.handlers):
+  who = distributed.log_prefix()
+  if distributed.is_main() and not any(
+      isinstance(h, logging.FileHandler) and Path(h.baseFilename) == workdir / "train.log" for h in logger.handlers):
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
@@ -91,6 +102,22 @@ def setup_logging(workdir: Path) -> None:
     stream = logging.StreamHandler()  # nobody prints our records yet (no root handler)
     stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger.addHandler(stream)
+  if who and not getattr(logging.getLogRecordFactory(), "prefixes_process", False):
+    _prefix_records(who)
+
+
+def _prefix_records(prefix: str) -> None:
+  """Our records (every fellrec_jax.* logger, whichever handler prints them) start with the process."""
+  make = logging.getLogRecordFactory()
+
+  def factory(*args, **kwargs):
+    record = make(*args, **kwargs)
+    if record.name.startswith("fellrec_jax"):
+      record.msg = prefix + str(record.msg)
+    return record
+
+  factory.prefixes_process = True
+  logging.setLogRecordFactory(factory)
 
 
 def load_base(config, data: pipeline.FederatedData, workdir: Path):
@@ -132,10 +159,14 @@ def setup(config, workdir) -> Run:
   workdir.mkdir(parents=True, exist_ok=True)
   setup_logging(workdir)
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.model)
-  data = pipeline.build_federated_data(
-      config.data, num_clients=config.fed.num_clients, seed=config.seed, workdir=workdir,
-      local_epochs=config.fed.local_epochs, rows_multiple=config.train.accum_steps, num_rounds=config.fed.rounds)
-  model_cfg, base = load_base(config, data, workdir)
+  # The same data and base on every process: process 0 builds them (and writes the tokenizer, the dataset
+  # and the pretrained base to the workdir), then the others, who find and read them.
+  with distributed.main_first("setup"):
+    data = pipeline.build_federated_data(
+        config.data, num_clients=config.fed.num_clients, seed=config.seed, workdir=workdir,
+        local_epochs=config.fed.local_epochs, rows_multiple=config.train.accum_steps,
+        num_rounds=config.fed.rounds)
+    model_cfg, base = load_base(config, data, workdir)
   split_lib.check_split(model_cfg, config.fed.split_k)
   lcfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                              targets=tuple(config.lora.targets))
@@ -143,9 +174,16 @@ def setup(config, workdir) -> Run:
   plan = data.train_plan
   if config.fed.aggregator == "centralized":
     plan = merged_plan(data, config)
-  if data.num_clients % config.mesh.clients:
+  if plan.num_clients % config.mesh.clients:
+    if jax.process_count() > 1:
+      raise sharding.MeshError(f"{plan.num_clients} training clients do not divide over mesh.clients="
+                       f"{config.mesh.clients}: in a multi-process run each process holds whole clients; set "
+                       "fed.num_clients (or mesh.clients) so that mesh.clients divides it")
     logger.warning("%d clients do not divide mesh.clients=%d: client state is replicated, not sharded",
-                   data.num_clients, config.mesh.clients)
+                   plan.num_clients, config.mesh.clients)
+  if jax.process_count() > 1 and config.fed.clients_per_chunk:
+    logger.info("fed.clients_per_chunk=%d is not used in a multi-process run: each process trains all of its "
+                "clients at once", config.fed.clients_per_chunk)
   base = sharding.put_base(base, mesh)
   return Run(config, workdir, data, model_cfg, lcfg, lc, base, mesh, plan, plan.num_clients)
 

@@ -16,12 +16,14 @@ from fellrec_jax.federated import sharding
 from fellrec_jax.federated import training
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.run import checkpoint
+from fellrec_jax.run import distributed
 from fellrec_jax.run.setup import Run, config_dict
 
 logger = logging.getLogger("fellrec_jax")
 
-# Fields that may differ when a run is resumed: they do not change the numbers of the rounds already run.
-RESUMABLE_FIELDS = ("max_rounds_per_run", "checkpoint_every", "keep_checkpoints", "eval")
+# Fields that may differ when a run is resumed: they do not change the numbers of the rounds already run
+# (fed.rounds may grow: a finished or stopped run then continues; it may not drop below the rounds run).
+RESUMABLE_FIELDS = ("max_rounds_per_run", "checkpoint_every", "keep_checkpoints", "eval", "fed.rounds")
 
 
 class ServerState(NamedTuple):
@@ -70,13 +72,16 @@ def resume_or_init(run: Run, mngr) -> TrainState:
   fresh = init_state(run)
   fingerprint = checkpoint.config_fingerprint(config_dict(run.config), RESUMABLE_FIELDS)
   restored = checkpoint.restore(mngr, checkpointable(fresh))
-  if restored is None:
-    return fresh
-  step, saved, meta = restored
-  checkpoint.check_resumable(meta["config"], fingerprint, run.workdir)
-  logger.info("resuming %s from its checkpoint after round %d", run.workdir, step - 1)
-  truncate_metrics(run.workdir / "metrics.jsonl", step)
-  return place(run, from_checkpointable(saved, fresh))
+  step = 0 if restored is None else restored[0]
+  if restored is not None:
+    checkpoint.check_resumable(restored[2]["config"], fingerprint, run.workdir)
+    if run.config.fed.rounds < step:
+      raise checkpoint.ResumeError(f"{run.workdir} has run {step} rounds; fed.rounds={run.config.fed.rounds} "
+                                   "cannot be fewer (raise it to continue the run)")
+    logger.info("resuming %s from its checkpoint after round %d", run.workdir, step - 1)
+  if distributed.is_main():  # rows of rounds the checkpoint does not hold are redone (none without one)
+    truncate_metrics(run.workdir / "metrics.jsonl", step)
+  return fresh if restored is None else place(run, from_checkpointable(restored[1], fresh))
 
 
 def checkpointable(state: TrainState):

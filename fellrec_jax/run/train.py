@@ -8,17 +8,20 @@ run ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from fellrec_jax.federated import sharding
-from fellrec_jax.federated import training
 from fellrec_jax.model import hf_interop
+from fellrec_jax.federated import sharding
 from fellrec_jax.run import checkpoint
+from fellrec_jax.run import distributed
 from fellrec_jax.run import evaluate as evaluation
 from fellrec_jax.run import rounds
 from fellrec_jax.run import setup as setup_lib
@@ -30,49 +33,101 @@ from fellrec_jax.run.state import TrainState
 logger = logging.getLogger("fellrec_jax")
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on SIGTERM after checkpointing; run the same command again
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM (a preemption or time-limit notice) after checkpointing its last round."""
+
+  def __init__(self, rounds_done: int):
+    super().__init__(f"stopped on SIGTERM after round {rounds_done - 1}, checkpointed; run the same command "
+                     f"again to resume (exit code {PREEMPTED_EXIT_CODE})")
+    self.rounds_done = rounds_done
+
+
 def train(config, workdir) -> dict:
-  """Run (or resume) the federated training of `config` in `workdir`; returns the summary."""
-  run = setup_lib.setup(config, workdir)
-  (run.workdir / "config.json").write_text(json.dumps(setup_lib.config_dict(config), indent=2))
-  mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
-  state = state_lib.resume_or_init(run, mngr)
-  valid = sharding.put_clients(training.batches_from(run.data.valid_batches()), run.mesh)
-  fingerprint = checkpoint.config_fingerprint(setup_lib.config_dict(config), state_lib.RESUMABLE_FIELDS)
-  first = int(state.server.rounds_done)
-  last = config.fed.rounds
-  if config.max_rounds_per_run:
-    last = min(last, first + config.max_rounds_per_run)
-  todo = range(first, last) if not bool(state.server.stopped) else range(0)
-  progress = tqdm(todo, desc="rounds", unit="round", initial=first, total=config.fed.rounds)
-  for r in progress:
-    state, record = rounds.run_round(run, state, r, valid)
-    if config.eval.every and (r + 1) % config.eval.every == 0:
-      record["eval"] = evaluation.evaluate(run, state.best_adapters, write=False)
+  """Run (or resume) the federated training of `config` in `workdir`; returns the summary.
+
+  Raises Preempted when SIGTERM arrives: the round under way finishes and is checkpointed first.
+  """
+  with preemption_notice() as notice:
+    run = setup_lib.setup(config, workdir)
+    if distributed.is_main():
+      (run.workdir / "config.json").write_text(json.dumps(setup_lib.config_dict(config), indent=2))
+    mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
+    state = state_lib.resume_or_init(run, mngr)
+    valid = rounds.client_data(run, run.data.valid_batches, run.num_clients)
+    fingerprint = checkpoint.config_fingerprint(setup_lib.config_dict(config), state_lib.RESUMABLE_FIELDS)
+    first = int(state.server.rounds_done)
+    last = config.fed.rounds
+    if config.max_rounds_per_run:
+      last = min(last, first + config.max_rounds_per_run)
+    todo = range(first, last) if not bool(state.server.stopped) else range(0)
+    progress = tqdm(todo, desc="rounds", unit="round", initial=first, total=config.fed.rounds,
+                    disable=not distributed.is_main())
+    for r in progress:
+      state, record = rounds.run_round(run, state, r, valid)
+      if config.eval.every and (r + 1) % config.eval.every == 0:
+        record["eval"] = evaluation.evaluate(run, state.best_adapters, write=False)
+      log_round(run, record, progress)
+      stop = distributed.any_process(notice.requested)
+      if stop or bool(state.server.stopped) or r == last - 1 or (r + 1) % config.checkpoint_every == 0:
+        checkpoint.save(mngr, r + 1, state_lib.checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
+      if stop:
+        raise Preempted(r + 1)
+      if bool(state.server.stopped):
+        logger.info("early stop after round %d: no better weighted validation loss for %d rounds", r,
+                    int(state.server.stale_rounds))
+        break
+    progress.close()
+    summary = summarize(run, state)
+    save_best_adapters(run, state)
+    if distributed.is_main():
+      (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+      print(summary_table(summary))
+    if config.eval.at_end:
+      summary["eval"] = evaluation.evaluate(run, state.best_adapters)["overall"]
+      if distributed.is_main():
+        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+class _Notice:
+  requested = False
+
+
+@contextlib.contextmanager
+def preemption_notice():
+  """While the block runs, SIGTERM only sets `.requested` (the loop then checkpoints and stops)."""
+  notice = _Notice()
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+    yield notice
+    return
+
+  def handler(signum, frame):
+    notice.requested = True
+    logger.warning("%sSIGTERM: finishing the current round, then checkpointing and stopping",
+                   distributed.log_prefix())
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield notice
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def log_round(run: Run, record: dict, progress) -> None:
+  """The round's line in metrics.jsonl (process 0), its progress bar and log line."""
+  if distributed.is_main():
     with open(run.workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
-    progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
-                         val=f"{record['val_loss_weighted']:.3f}")
-    losses = [c["train_loss"] for c in record["clients"]]
-    shown = [round(x, 3) for x in losses] if len(losses) <= 10 else (
-        f"{len(losses)} clients: min {min(losses):.3f}, mean {np.mean(losses):.3f}, max {max(losses):.3f}")
-    logger.info("round %d: weighted val loss %.4f, train losses %s, %.1f s", r, record["val_loss_weighted"], shown,
-                record["seconds"])
-    done = bool(state.server.stopped) or r == last - 1
-    if done or (r + 1) % config.checkpoint_every == 0:
-      checkpoint.save(mngr, r + 1, state_lib.checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
-    if bool(state.server.stopped):
-      logger.info("early stop after round %d: no better weighted validation loss for %d rounds", r,
-                  int(state.server.stale_rounds))
-      break
-  progress.close()
-  summary = summarize(run, state)
-  (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  print(summary_table(summary))
-  save_best_adapters(run, state)
-  if config.eval.at_end:
-    summary["eval"] = evaluation.evaluate(run, state.best_adapters)["overall"]
-    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+  progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
+                       val=f"{record['val_loss_weighted']:.3f}")
+  losses = [c["train_loss"] for c in record["clients"]]
+  shown = [round(x, 3) for x in losses] if len(losses) <= 10 else (
+      f"{len(losses)} clients: min {min(losses):.3f}, mean {np.mean(losses):.3f}, max {max(losses):.3f}")
+  logger.info("round %d: weighted val loss %.4f, train losses %s, %.1f s", record["round"],
+              record["val_loss_weighted"], shown, record["seconds"])
 
 
 def summarize(run: Run, state: TrainState) -> dict:
@@ -104,7 +159,9 @@ def save_best_adapters(run: Run, state: TrainState, max_clients: int = 64) -> No
     logger.info("%d clients: best adapters are in the Orbax checkpoint only (no PEFT export above %d)",
                 run.num_clients, max_clients)
     return
-  best = jax.tree.map(np.asarray, state.best_adapters)
+  best = sharding.to_host(state.best_adapters)
+  if not distributed.is_main():
+    return
   for c in range(run.num_clients):
     base_dir = run.config.model.hf_dir or run.config.pretrain.cache_dir or str(run.workdir / "base_model")
     hf_interop.save_peft_adapter(run.workdir / "adapters" / f"client_{c}", jax.tree.map(lambda x: x[c], best),
