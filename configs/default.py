@@ -80,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.clients = 1  # devices along the client axis (client-stacked state and batches)
+  c.mesh.clients = 1  # devices along the client axis (client-stacked state and batches); with mesh.model = 1
+  # in a multi-process job, 1 means every device of the job (docs/cluster.md)
   c.mesh.model = 1  # devices along the model axis (the frozen base, Megatron-style)
 
   c.checkpoint_every = 1  # save an Orbax checkpoint every N rounds (and at the end)

@@ -56,6 +56,8 @@ def make_mesh(clients: int = 1, model: int = 1) -> Mesh:
     raise ValueError(f"mesh.clients * mesh.model = {clients * model} devices, but only {len(devices)} are "
                      f"visible ({devices[0].platform}); on CPU, set "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={clients * model}")
+  if jax.process_count() > 1 and clients * model == 1:  # not configured: the job's devices on `clients`
+    clients = len(devices)
   if jax.process_count() > 1:
     local = jax.local_device_count()
     if clients * model != len(devices) or local % model:

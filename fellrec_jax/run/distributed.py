@@ -101,7 +101,9 @@ def initialize(processes: Processes | None, *, mesh_devices: int = 1,
   if processes is None:
     return
   per_process = os.environ.get(CPU_DEVICES_VARIABLE, "")
-  if per_process == "auto":
+  if per_process == "auto" and mesh_devices == 1:  # no mesh configured: one device per process
+    set_cpu_devices(1)
+  elif per_process == "auto":
     if mesh_devices % processes.num_processes:
       raise DistributedError(f"mesh.clients x mesh.model = {mesh_devices} devices do not split evenly over "
                              f"{processes.num_processes} processes")

@@ -174,13 +174,14 @@ def setup(config, workdir) -> Run:
   plan = data.train_plan
   if config.fed.aggregator == "centralized":
     plan = merged_plan(data, config)
-  if plan.num_clients % config.mesh.clients:
-    if jax.process_count() > 1:
+  mesh_clients = mesh.shape["clients"]
+  if plan.num_clients % mesh_clients:
+    if jax.process_count() > 1 and config.mesh.clients > 1:
       raise sharding.MeshError(f"{plan.num_clients} training clients do not divide over mesh.clients="
-                       f"{config.mesh.clients}: in a multi-process run each process holds whole clients; set "
-                       "fed.num_clients (or mesh.clients) so that mesh.clients divides it")
-    logger.warning("%d clients do not divide mesh.clients=%d: client state is replicated, not sharded",
-                   plan.num_clients, config.mesh.clients)
+                               f"{mesh_clients}: in a multi-process run each process holds whole clients; set "
+                               "fed.num_clients (or mesh.clients) so that mesh.clients divides it")
+    logger.warning("%d clients do not divide over the %d devices of the clients axis: every device holds every "
+                   "client's state (replicated, not sharded)", plan.num_clients, mesh_clients)
   if jax.process_count() > 1 and config.fed.clients_per_chunk:
     logger.info("fed.clients_per_chunk=%d is not used in a multi-process run: each process trains all of its "
                 "clients at once", config.fed.clients_per_chunk)
