@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.local_epochs = 2  # epochs over its data per client per round (reference 5)
   c.fed.aggregator = "fellrec"  # fellrec | fedavg | fedprox | ditto | local | centralized
   c.fed.split_k = 2  # client keeps layers [0, k) and L-1; the server runs [k, L-1) (reference 20 of 32)
+  c.fed.adapter_init = "per_client"  # per_client (each client its own random lora_a, as the reference) | shared
   c.fed.server_adapters = "per_client"  # per_client (reference) | shared (one middle-layer set, averaged)
   c.fed.clients_per_chunk = 2  # clients trained at once (vmap lanes, balanced by steps); 0 = all at once
   c.fed.stream_groups = 1  # without LoRA dropout: the clients' tokens as this many independent streams per step

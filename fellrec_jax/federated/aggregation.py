@@ -123,12 +123,15 @@ def client_layers(tree, spec: AggregatorSpec):
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_examples, *, spec: AggregatorSpec):
-  """(mixed adapters, mixing matrix [C, C] to log, new heat state) of one round's aggregation."""
+  """(mixed adapters, mixing matrix [C, C] to log, new heat state, similarity [C, C]) of one round's
+  aggregation; the similarity of the clients' adapters is FELLRec's s_ij (the identity for the others)."""
   C = train_loss.shape[0]
   fedavg = fedavg_matrix(num_examples)
   kwargs = dict(alpha=spec.alpha, beta=spec.beta, temperature=spec.temperature)
+  s = identity_matrix(C)
   if spec.name == "fellrec":
     theta = flatten_clients(client_layers(adapters, spec) if spec.shared_server_adapters else adapters)
+    s = similarity(theta)
     if spec.sequential_update:
       matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=True, **kwargs)
       mixed = unflatten_clients(
@@ -139,7 +142,6 @@ def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_ex
       matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1,
                               **kwargs)
       tx = heating.heated_server_step(skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1, **kwargs)
-      s = similarity(theta)
       updates, heat = tx.update(pseudo_gradients(adapters, s), heat, adapters, losses=train_loss, similarity=s)
       mixed = optax.apply_updates(adapters, updates)
   elif spec.name in ("fedavg", "fedprox"):
@@ -152,4 +154,4 @@ def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_ex
     server = jnp.asarray(spec.server_layers)
     averaged = mix(adapters, fedavg)
     mixed = jax.tree.map(lambda m, a: jnp.where(server.reshape((1, -1) + (1,) * (m.ndim - 2)), a, m), mixed, averaged)
-  return mixed, matrix, heat
+  return mixed, matrix, heat, s

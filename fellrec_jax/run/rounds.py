@@ -34,7 +34,8 @@ def aggregator_spec(run: Run) -> aggregation.AggregatorSpec:
 
 
 def aggregate(run: Run, adapters, train_loss, heat: heating.HeatState, round_index: int):
-  """(mixed adapters, mixing matrix [C, C] for the log, new heat state) for the configured aggregator."""
+  """(mixed adapters, mixing matrix [C, C] for the log, new heat state, the adapters' similarity [C, C])
+  for the configured aggregator."""
   return aggregation.aggregate(adapters, train_loss, heat, jnp.int32(round_index),
                                jnp.asarray(run.train_plan.num_examples, jnp.float32), spec=aggregator_spec(run))
 
@@ -99,6 +100,7 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
   ctx = round_context(run, state, round_index)
   server = state.server
   global_clients = state.global_clients
+  similarity = None
   if run.aggregator == "ditto":
     received = jax.tree.map(jnp.copy, global_clients.adapters)  # w^t, the anchor of the personal models
     global_clients, _ = train_clients(run, global_clients, batches, None, ctx)
@@ -110,14 +112,15 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
   else:
     anchors = jax.tree.map(jnp.copy, state.clients.adapters) if run.aggregator == "fedprox" else None
     clients, metrics = train_clients(run, state.clients, batches, anchors, ctx)
-    adapters, matrix, heat = aggregate(run, clients.adapters, metrics.train_loss, server.heat, round_index)
+    adapters, matrix, heat, similarity = aggregate(run, clients.adapters, metrics.train_loss, server.heat,
+                                                   round_index)
   clients = clients._replace(adapters=adapters)
   val = validation_losses(run, adapters, valid)
   weighted = weighted_val_loss(run, val)
   state, improved = update_best(run, TrainState(clients, global_clients, state.best_adapters, server), val,
                                 weighted, round_index, heat)
   record = round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, ctx.lr_scale, batches,
-                        adapters, time.perf_counter() - start)
+                        adapters, time.perf_counter() - start, similarity if run.aggregator == "fellrec" else None)
   return state, record
 
 
@@ -183,8 +186,8 @@ def comm_bytes(run: Run, batches: training.ClientBatches, metrics, adapters) -> 
 
 
 def round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, lr_scale, batches, adapters,
-                 seconds) -> dict:
-  metrics, matrix, heat = sharding.to_host((metrics, matrix, heat))
+                 seconds, similarity=None) -> dict:
+  metrics, matrix, heat, similarity = sharding.to_host((metrics, matrix, heat, similarity))
   loss = np.asarray(metrics.train_loss, np.float64)
   steps = np.asarray(metrics.num_steps)
   warm = np.asarray(heat.warm_weight) if run.aggregator == "fellrec" else np.ones(run.num_train_clients)
@@ -200,7 +203,16 @@ def round_record(run, round_index, metrics, val, weighted, improved, matrix, hea
   comm = comm_bytes(run, batches, metrics, adapters)
   return {"round": round_index, "clients": clients, "aggregation": np.asarray(matrix).round(6).tolist(),
           "val_loss_weighted": weighted, "comm_bytes": comm["total"], "comm_detail": comm,
-          "label_tokens": int(np.sum(np.asarray(metrics.label_tokens))), "seconds": round(seconds, 3)}
+          "label_tokens": int(np.sum(np.asarray(metrics.label_tokens))), "seconds": round(seconds, 3),
+          "similarity_offdiag_mean": offdiag_mean(similarity)}
+
+
+def offdiag_mean(matrix) -> float | None:
+  """The mean of a [C, C] matrix's off-diagonal entries (FELLRec's similarity; None without one)."""
+  if matrix is None or len(matrix) < 2:
+    return None
+  matrix = np.asarray(matrix, np.float64)
+  return float((matrix.sum() - np.trace(matrix)) / (matrix.size - len(matrix)))
 
 
 def json_float(x):

@@ -75,6 +75,8 @@ def validate_config(config) -> None:
   if fed.num_clients < 1 and not (fed.num_clients == 0 and config.data.partition == "per_user"):
     raise ValueError(f"fed.num_clients must be >= 1 (or 0 with data.partition=per_user: one client per "
                      f"user), got {fed.num_clients}")
+  if fed.adapter_init not in ("per_client", "shared"):
+    raise ValueError(f"fed.adapter_init must be 'per_client' or 'shared', got {fed.adapter_init!r}")
   if fed.server_adapters not in ("per_client", "shared"):
     raise ValueError(f"fed.server_adapters must be 'per_client' or 'shared', got {fed.server_adapters!r}")
   if config.fellrec.heat_apply_to not in ("aggregation", "aggregation_and_local_lr"):

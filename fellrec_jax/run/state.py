@@ -46,11 +46,10 @@ class TrainState(NamedTuple):
 def init_state(run: Run) -> TrainState:
   config = run.config
   key_adapters, key_clients, key_global = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  one = lora_lib.init_adapters(run.model_cfg, run.lcfg, key_adapters)  # every client starts from the same
-  stack = lambda n: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)).copy(), one)
+  stack = lambda n: initial_adapters(run, key_adapters, n)
   clients = training.init_client_states(stack(run.num_train_clients), run.lc, key_clients)
   global_clients = None
-  if run.aggregator == "ditto":
+  if run.aggregator == "ditto":  # each client's global model starts as its personal one
     global_clients = training.init_client_states(stack(run.num_train_clients), run.lc, key_global)
   C = run.num_clients
   server = ServerState(
@@ -59,6 +58,20 @@ def init_state(run: Run) -> TrainState:
       best_weighted=jnp.float32(jnp.inf), stale_rounds=jnp.int32(0), stopped=jnp.bool_(False))
   state = TrainState(clients, global_clients, stack(C), server)
   return place(run, state)
+
+
+def initial_adapters(run: Run, key: jax.Array, num_clients: int):
+  """Every client's first adapters [C, ...] (lora_b = 0, so every client starts from the base model).
+
+  fed.adapter_init = "per_client": client c draws its own lora_a from fold_in(key, c), as the reference
+  builds a fresh PEFT model per client; "shared": one draw from `key` for all. FELLRec's similarity is the
+  cosine of the clients' adapters, so shared initial lora_a keep every similarity near 1 (near-uniform
+  mixing); independent ones let it tell clients apart (metrics.jsonl logs similarity_offdiag_mean).
+  """
+  init = lambda k: lora_lib.init_adapters(run.model_cfg, run.lcfg, k)
+  if run.config.fed.adapter_init == "shared":
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)).copy(), init(key))
+  return jax.vmap(lambda c: init(jax.random.fold_in(key, c)))(jnp.arange(num_clients))
 
 
 def place(run: Run, state: TrainState) -> TrainState:
