@@ -1,5 +1,6 @@
 """docs/method.md §6: the reference's Games setup (BIGRec backend), on a BIGRec dataset directory.
 
+  python tools/fetch_data.py games    # once: the Games records into data/games
   python experiments/train.py --config=configs/games.py --workdir=runs/games
   python experiments/train.py --config=configs/games.py:smoke --workdir=/tmp/games_smoke
 
@@ -13,7 +14,7 @@ from configs import default
 
 def get_config(arg: str | None = None):
   c = default.get_config()
-  c.data.path = "../shared/data/games_bigrec"  # BIGRec directory (train/valid/test.json), relative to the cwd
+  c.data.path = "data/games"  # BIGRec directory (train/valid/test.json), relative to the cwd: tools/fetch_data.py
   c.data.max_train_samples = 1024  # the reference's random 1,024 training samples
   c.data.max_valid_samples = 5000  # the reference's 5,000 validation samples
   c.data.batch_size = 64  # reference batch 64 (micro-batch 4 there: accumulation does not change the step)

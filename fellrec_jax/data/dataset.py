@@ -97,7 +97,8 @@ def load_dataset(path) -> Dataset:
   """Reads a dataset directory, or a plain BIGRec one (catalog and histories are then derived)."""
   path = Path(path)
   if not path.is_dir():
-    raise DataError("dataset directory not found", file=path)
+    raise DataError("dataset directory not found (the Games data: `python tools/fetch_data.py games` writes "
+                    "data/games; your own interactions: tools/prepare_data.py, docs/data.md)", file=path)
   splits = {}
   for name in SPLITS:
     file = path / f"{name}.json"

@@ -10,7 +10,9 @@ import sys
 
 from absl import flags
 
+from fellrec_jax.data.records import DataError
 from fellrec_jax.federated import sharding
+from fellrec_jax.model import hf_interop
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import distributed
 from fellrec_jax.run import train
@@ -39,6 +41,7 @@ def run(fn, *args, **kwargs):
   except train.Preempted as e:
     print(f"{distributed.log_prefix()}{e}", file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (distributed.DistributedError, sharding.MeshError, checkpoint.ResumeError) as e:
+  except (distributed.DistributedError, sharding.MeshError, checkpoint.ResumeError, DataError,
+          hf_interop.CheckpointError) as e:
     print(f"error: {distributed.log_prefix()}{e}", file=sys.stderr)
     sys.exit(1)
