@@ -44,6 +44,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.vocab_size = 2000  # most tokens of the trained BPE (smaller if the corpus runs out of merges)
   c.cutoff_len = 512  # most tokens per example (the reference's); oldest history titles are dropped to fit
   c.train_on_inputs = True  # loss on the whole prompt (reference) or, if False, on the response + EOS only
+  c.train_template = "clean"  # training examples' template: clean (the one used everywhere) | reference (the
+  # reference's training template: indented lines, a trailing space; it differs from its inference one)
+  c.truncation = "history"  # an example over cutoff_len: drop its oldest history titles (history) | cut it at
+  # cutoff_len tokens as the reference's tokenizer call does (end: may cut the response and its EOS)
   # Batches (docs/data.md, "Batches").
   c.share_prefix = True  # compute the prompt prefix common to all examples once (P tokens); False: P = 0
   c.row_len = 0  # T, tokens per packed row; 0 = longest suffix rounded up to a multiple of 16

@@ -1,5 +1,8 @@
 """The trained tokenizer and the prompt encoding (docs/method.md §1)."""
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -124,3 +127,52 @@ def test_cutoff_drops_the_oldest_titles_and_keeps_the_response(tokenizer):
   text = tokenizer.decode(ids[1:-1])
   assert TITLES[3] not in text and TITLES[4] in text and text.endswith(record.output)
   assert tokenizer.decode(ids[mask == 1][:-1]) == record.output
+
+
+def reference_generate_prompt(data_point):
+  """The reference's training template, transcribed from its finetune.py (input case)."""
+  return f"""Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. 
+
+                ### Instruction:
+                {data_point["instruction"]}
+
+                ### Input:
+                {data_point["input"]}
+
+                ### Response:
+                {data_point["output"]}"""
+
+
+def test_reference_training_template_is_the_references(tokenizer):
+  record = _record()
+  text = prompts.prompt_text(record, "reference") + record.output
+  assert text == reference_generate_prompt(dataclasses.asdict(record))
+  ids, mask = prompts.encode_example(tokenizer, record, cutoff_len=512, train_on_inputs=True, template="reference")
+  expected = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  assert ids.tolist() == expected and mask.tolist() == [0] + [1] * (len(expected) - 1)
+
+
+def test_end_truncation_cuts_at_cutoff_as_the_references_tokenizer_call(tokenizer):
+  record = _record()
+  full, _ = prompts.encode_example(tokenizer, record, cutoff_len=10_000, train_on_inputs=True, truncation="end")
+  cut = len(full) - 5  # the response's last tokens and EOS are cut off
+  ids, mask = prompts.encode_example(tokenizer, record, cutoff_len=cut, train_on_inputs=True, truncation="end")
+  assert ids.tolist() == full[:cut].tolist() and len(mask) == cut
+  # With room for EOS it is appended (the reference appends it when shorter than the cutoff).
+  ids, _ = prompts.encode_example(tokenizer, record, cutoff_len=len(full) + 3, train_on_inputs=True,
+                                  truncation="end")
+  assert ids.tolist() == full.tolist() and ids[-1] == tokenizer.eos_token_id
+  with pytest.raises(Exception, match="truncation one of"):
+    prompts.encode_example(tokenizer, record, cutoff_len=cut, train_on_inputs=True, truncation="middle")
+
+
+def test_games_reference_config_sets_every_reference_behaviour_it_lists():
+  from configs import games
+  config, clean = games.get_config("reference"), games.get_config()
+  method = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+  for field, value in games.REFERENCE.items():
+    section, name = field.split(".")
+    assert config[section][name] == value, field
+    assert f"`{field}" in method, f"docs/method.md does not list {field}"
+  assert [f for f in games.REFERENCE if clean[f.split(".")[0]][f.split(".")[1]] != games.REFERENCE[f]], \
+      "the reference config changes nothing"

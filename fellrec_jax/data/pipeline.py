@@ -109,7 +109,8 @@ def build_federated_data(data_config, *, num_clients: int, seed: int, workdir, l
   if lossy:
     logger.warning("%d of %d titles do not decode back exactly with this tokenizer, e.g. %r",
                    len(lossy), len(dataset.catalog), lossy[0])
-  encode = dict(cutoff_len=data_config.cutoff_len, train_on_inputs=data_config.train_on_inputs)
+  encode = dict(cutoff_len=data_config.cutoff_len, train_on_inputs=data_config.train_on_inputs,
+                template=data_config.get("train_template", "clean"), truncation=data_config.get("truncation", "history"))
   train = encode_by_client(tokenizer, dataset.train, client_of_user, num_clients, "train", **encode)
   valid = encode_by_client(tokenizer, dataset.valid, client_of_user, num_clients, "valid", **encode)
   _check_every_client_trains(train, data_config.partition)
@@ -168,8 +169,8 @@ def records_by_client(records: Sequence[Record], client_of_user: dict[int, int],
 
 
 def encode_by_client(tokenizer, records: Sequence[Record], client_of_user: dict[int, int],
-                     num_clients: int, split: str, *, cutoff_len: int,
-                     train_on_inputs: bool) -> list[list[batching.Example]]:
+                     num_clients: int, split: str, *, cutoff_len: int, train_on_inputs: bool,
+                     template: str = "clean", truncation: str = "history") -> list[list[batching.Example]]:
   """Per client, the encoded examples of its records (in file order)."""
   encoded = [[] for _ in range(num_clients)]
   progress = tqdm(records, desc=f"tokenizing {split}", unit="rec",
@@ -177,7 +178,7 @@ def encode_by_client(tokenizer, records: Sequence[Record], client_of_user: dict[
   for index, record in enumerate(progress):
     try:
       example = prompts.encode_example(tokenizer, record, cutoff_len=cutoff_len,
-                                       train_on_inputs=train_on_inputs)
+                                       train_on_inputs=train_on_inputs, template=template, truncation=truncation)
     except DataError as error:
       raise DataError(error.reason, file=f"{split} split", index=index) from None
     encoded[client_of_user[record.user]].append(example)

@@ -13,10 +13,18 @@ from fellrec_jax.data.records import DataError, Record, parse_record, with_histo
 HEADER = ("Below is an instruction that describes a task, paired with an input that provides further "
           "context. Write a response that appropriately completes the request.\n\n")
 RESPONSE_MARKER = "### Response:\n"
+TEMPLATES = ("clean", "reference")
+TRUNCATIONS = ("history", "end")
+_INDENT = " " * 16  # the reference training template's indentation (docs/method.md §7)
 
 
-def prompt_text(record: Record) -> str:
-  """Everything up to and including "### Response:\\n": the text a model generates from."""
+def prompt_text(record: Record, template: str = "clean") -> str:
+  """Everything up to and including "### Response:\\n": the text a model generates from. `reference` is
+  the reference's training template, whose whitespace differs (kept only to reproduce its runs)."""
+  if template == "reference":
+    header = HEADER.replace("request.\n\n", "request. \n\n")
+    return (f"{header}{_INDENT}### Instruction:\n{_INDENT}{record.instruction}\n\n{_INDENT}### Input:\n"
+            f"{_INDENT}{record.input}\n\n{_INDENT}### Response:\n{_INDENT}")
   return (f"{HEADER}### Instruction:\n{record.instruction}\n\n### Input:\n{record.input}\n\n"
           f"{RESPONSE_MARKER}")
 
@@ -25,11 +33,22 @@ def full_text(record: Record) -> str:
   return prompt_text(record) + record.output
 
 
-def encode_example(tokenizer, record: Record, *, cutoff_len: int,
-                   train_on_inputs: bool) -> tuple[np.ndarray, np.ndarray]:
-  """(ids int32, loss_mask float32) of the full example, dropping the oldest history titles until it
-  fits in cutoff_len tokens (the response is always whole)."""
-  ids, mask = _fit(lambda r: _encode_full(tokenizer, r, train_on_inputs), record, cutoff_len)
+def encode_example(tokenizer, record: Record, *, cutoff_len: int, train_on_inputs: bool, template: str = "clean",
+                   truncation: str = "history") -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32, loss_mask float32) of the full example in `template`. Over cutoff_len tokens, `history`
+  drops the oldest history titles until it fits (the response is always whole); `end` cuts the tokens at
+  cutoff_len, as the reference's tokenizer call does, with EOS only when there is room for it."""
+  if template not in TEMPLATES or truncation not in TRUNCATIONS:
+    raise DataError(f"template must be one of {TEMPLATES} and truncation one of {TRUNCATIONS}, got "
+                    f"{template!r} and {truncation!r}")
+  encode = lambda r, eos=True: _encode_full(tokenizer, r, train_on_inputs, template, eos)
+  if truncation == "end":
+    ids, mask = encode(record, eos=False)
+    ids, mask = ids[:cutoff_len], mask[:cutoff_len]
+    if len(ids) < cutoff_len:
+      ids, mask = ids + [_eos(tokenizer)], mask + [1]
+  else:
+    ids, mask = _fit(encode, record, cutoff_len)
   return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
@@ -54,16 +73,16 @@ def _fit(encode, record: Record, cutoff_len: int | None):
                   f"more than cutoff_len={cutoff_len} (raise cutoff_len)")
 
 
-def _encode_full(tokenizer, record: Record, train_on_inputs: bool):
-  prompt = prompt_text(record)
+def _encode_full(tokenizer, record: Record, train_on_inputs: bool, template: str = "clean", eos: bool = True):
+  prompt = prompt_text(record, template)
   tokens, offsets = _tokenize(tokenizer, prompt + record.output)
   bos = _bos(tokenizer)
-  ids = bos + tokens + [_eos(tokenizer)]
+  ids = bos + tokens + ([_eos(tokenizer)] if eos else [])
   if train_on_inputs:
     mask = [0] + [1] * (len(ids) - 1)
   else:
     # A token is a response label when it covers any character of the output (offsets are chars).
-    mask = [0] * len(bos) + [int(end > len(prompt)) for _, end in offsets] + [1]
+    mask = [0] * len(bos) + [int(end > len(prompt)) for _, end in offsets] + ([1] if eos else [])
     mask[0] = 0
   return ids, mask
 
