@@ -35,6 +35,8 @@ def test_topk_metrics_hand_computed(toy):
       "ndcg@3": (ndcg_a + D3 / 1 + 1 / (1 + D2 + D3)) / 3,
       "mrr@2": (1 / 2 + 0 + 1) / 3,
       "mrr@3": (1 / 2 + 1 / 3 + 1) / 3,
+      "hr@2": (1 + 0 + 1) / 3,  # A and D have a hit in their top 2, B not
+      "hr@3": (1 + 1 + 1) / 3,
   }
   assert sorted(got) == sorted(expected)
   for name, value in expected.items():
@@ -45,7 +47,7 @@ def test_topk_metrics_hand_computed(toy):
 def test_default_keys_and_perfect_ranking():
   ranked = np.arange(40).reshape(2, 20)
   got = metrics.topk_metrics(ranked, [[0], [20, 21]])
-  assert list(got) == [f"{m}@{k}" for m in ("precision", "recall", "ndcg", "mrr") for k in (5, 10, 20)]
+  assert list(got) == [f"{m}@{k}" for k in (10, 20, 5) for m in ("hr", "recall", "ndcg", "precision", "mrr")]
   assert got["recall@5"] == got["ndcg@5"] == got["mrr@20"] == 1.0
   assert got["precision@5"] == pytest.approx((1 / 5 + 2 / 5) / 2)
 
@@ -99,3 +101,52 @@ def test_a_repeated_item_hits_once():
   assert got["precision@3"] == pytest.approx(2 / 3)  # 7 at rank 1, 8 at rank 3; the second 7 is no hit
   assert got["recall@3"] == 1.0
   assert got["ndcg@3"] == pytest.approx((1 + D3) / (1 + D2))
+
+
+def test_hit_ratio_hand_computed():
+  ranked = np.array([
+      [5, 6, 7, 8],  # GT {6}: single target, hit at rank 2
+      [1, 2, 3, 4],  # GT {3, 4, 9}: two hits at ranks 3 and 4
+      [9, 8, 7, 6],  # GT {0}: no hit
+      [2, 2, 2, 2],  # GT {2}: one hit, the repeats count once
+  ])
+  truth = [[6], [9, 3, 4], [0], [2]]
+  got = metrics.topk_metrics(ranked, truth, ks=(1, 2, 3, 4))
+  assert [got[f"hr@{k}"] for k in (1, 2, 3, 4)] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 3 / 4])
+  assert got["recall@4"] == pytest.approx((1 + 2 / 3 + 0 + 1) / 4)  # HR counts users, recall items
+  single = [0, 2, 3]  # single-target users: HR@K equals Recall@K
+  one = metrics.topk_metrics(ranked[single], [truth[n] for n in single], ks=(1, 2, 3, 4))
+  for k in (1, 2, 3, 4):
+    assert one[f"hr@{k}"] == one[f"recall@{k}"]
+
+
+def test_report_order_puts_the_reference_cut_offs_first():
+  assert metrics.ordered_ks((5, 10, 20)) == (10, 20, 5)
+  assert metrics.ordered_ks((1, 20, 3, 20)) == (20, 1, 3)
+  assert metrics.metric_names((20, 5))[:3] == ["hr@20", "recall@20", "ndcg@20"]
+  assert metrics.display_name("hr@10") == "HR@10" and metrics.display_name("ndcg@5") == "NDCG@5"
+
+
+def _eval_report():
+  names = metrics.metric_names((5, 10))
+  clients = [{name: 0.5 for name in names}, {name: 0.25 for name in names}]
+  report = metrics.client_report(clients, [1, 3], [0, 4])
+  report["baselines"] = {"popularity": metrics.client_report([{name: 0.125 for name in names}], [4])}
+  return report
+
+
+def test_markdown_report_rows_and_columns():
+  lines = metrics.markdown_report(_eval_report(), model="FELLRec").splitlines()
+  assert lines[0].startswith("|  | HR@10 | Recall@10 | NDCG@10 | Precision@10 | MRR@10 | HR@5 |")
+  assert lines[1] == "|" + "---|" * 11
+  assert lines[2] == "| FELLRec (overall, 4 users) | " + " | ".join(["0.3125"] * 10) + " |"  # (0.5 + 3 * 0.25) / 4
+  assert lines[3] == "| popularity (overall) | " + " | ".join(["0.1250"] * 10) + " |"
+  assert lines[4].startswith("| client 0 (1 users) | 0.5000 |") and lines[5].startswith("| client 4 (3 users) | 0.2500 |")
+  assert len(lines) == 6
+
+
+def test_text_table_one_metric_a_row():
+  lines = metrics.text_table(_eval_report()).splitlines()
+  assert lines[0].split() == ["overall", "popular", "min", "max", "std"]
+  assert lines[1].split() == ["HR@10", "0.3125", "0.1250", "0.2500", "0.5000", "0.1250"]
+  assert [line.split()[0] for line in lines[1:]][5:7] == ["HR@5", "Recall@5"]

@@ -2,11 +2,13 @@
 
 All-rank evaluation: `ranked` holds every user's top items over the whole catalog (history excluded
 upstream), item id -1 meaning "no item" (never a hit). Per user with ground truth GT and K:
+  HR@K        = 1 if any of the top K is in GT, else 0 (hit ratio; equals Recall@K when |GT| = 1)
   Precision@K = hits / K          Recall@K = hits / |GT|
   NDCG@K      = sum over hits at rank r < K of 1/log2(r+2), divided by the same sum over the first
                 min(|GT|, K) ranks (binary gain)
   MRR@K       = 1/(r+1) for the first hit at rank r < K, else 0.
-Users with empty ground truth are skipped; the metrics are means over the remaining users.
+Users with empty ground truth are skipped; the metrics are means over the remaining users. Reports and
+tables list the reference's cut-offs (@10, @20) first.
 """
 
 from __future__ import annotations
@@ -17,17 +19,31 @@ import numpy as np
 
 from fellrec_jax.evaluation import topk as topk_lib
 
-METRICS = ("precision", "recall", "ndcg", "mrr")
+METRICS = ("hr", "recall", "ndcg", "precision", "mrr")
 DEFAULT_KS = (5, 10, 20)
+LEAD_KS = (10, 20)  # the reference's cut-offs: first in eval.json and in tables
+DISPLAY = {"hr": "HR", "recall": "Recall", "ndcg": "NDCG", "precision": "Precision", "mrr": "MRR"}
+
+
+def ordered_ks(ks: Sequence[int]) -> tuple[int, ...]:
+  """The cut-offs in report order: 10 and 20 first (those present), then the others as given."""
+  ks = tuple(dict.fromkeys(int(k) for k in ks))
+  return tuple(k for k in LEAD_KS if k in ks) + tuple(k for k in ks if k not in LEAD_KS)
 
 
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
-  """Keys of `topk_metrics`, e.g. "recall@10", metric-major."""
-  return [f"{metric}@{k}" for metric in METRICS for k in ks]
+  """Keys of `topk_metrics`, e.g. "hr@10": cut-off-major in `ordered_ks` order, then METRICS' order."""
+  return [f"{metric}@{k}" for k in ordered_ks(ks) for metric in METRICS]
+
+
+def display_name(name: str) -> str:
+  """"hr@10" -> "HR@10", as papers write it."""
+  metric, _, k = name.partition("@")
+  return f"{DISPLAY.get(metric, metric)}@{k}" if k else DISPLAY.get(metric, metric)
 
 
 def topk_metrics(ranked, ground_truth: Sequence[Sequence[int]], ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-  """Precision, Recall, NDCG and MRR at every K, averaged over users with non-empty ground truth.
+  """HR, Recall, NDCG, Precision and MRR at every K, averaged over users with non-empty ground truth.
 
   Args:
     ranked: int [N, Kmax] item ids, best first (-1 = no item); Kmax >= max(ks). An item repeated in a row
@@ -35,7 +51,7 @@ def topk_metrics(ranked, ground_truth: Sequence[Sequence[int]], ks: Sequence[int
     ground_truth: N lists of relevant item ids (several for a multi-target user; may be empty).
     ks: cut-offs.
   Returns:
-    {"precision@K", "recall@K", "ndcg@K", "mrr@K" for every K in ks: float}.
+    {"hr@K", "recall@K", "ndcg@K", "precision@K", "mrr@K" for every K in ks: float}, in `metric_names` order.
   Raises:
     ValueError: on a shape or length mismatch, Kmax < max(ks), an id below -1, or when no user has
       ground truth.
@@ -65,6 +81,7 @@ def per_user_metrics(ranked, ground_truth: Sequence[Sequence[int]],
     num_hits = hits.sum(axis=1)
     ideal = np.cumsum(discount[:k])[np.minimum(sizes, k) - 1]
     first = np.argmax(hits, axis=1)
+    out[f"hr@{k}"] = (num_hits > 0).astype(np.float64)
     out[f"precision@{k}"] = num_hits / k
     out[f"recall@{k}"] = num_hits / sizes
     out[f"ndcg@{k}"] = (hits * discount[:k]).sum(axis=1) / ideal
@@ -204,3 +221,39 @@ def markdown_table(reports: Mapping[str, Mapping], metrics: Sequence[str] = ("re
       cells += [f"{report['overall'][m]:.4f}", f"{spread['min']:.4f}", f"{spread['max']:.4f}", f"{spread['std']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def report_metrics(report: Mapping) -> list[str]:
+  """An eval.json report's metrics in table order: cut-offs 10 and 20 first, HR, Recall, NDCG, ... each."""
+  names = list(report["overall"])
+  ks = [int(name.partition("@")[2]) for name in names if "@" in name]
+  ordered = [name for name in metric_names(ks) if name in report["overall"]]
+  return ordered + [name for name in names if name not in ordered]
+
+
+def markdown_report(report: Mapping, model: str = "model") -> str:
+  """eval.json as a Markdown table to paste: the model overall, the popularity baseline, then each client."""
+  names = report_metrics(report)
+  rows = [(f"{model} (overall, {sum(c['num_test_users'] for c in report['clients'])} users)", report["overall"])]
+  popularity = report.get("baselines", {}).get("popularity")
+  if popularity:
+    rows.append(("popularity (overall)", popularity["overall"]))
+  rows += [(f"client {c['client']} ({c['num_test_users']} users)", c) for c in report["clients"]]
+  header = [""] + [display_name(name) for name in names]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join([label] + [f"{values[name]:.4f}" for name in names]) + " |" for label, values in rows]
+  return "\n".join(lines) + "\n"
+
+
+def text_table(report: Mapping) -> str:
+  """eval.json as a plain table, one metric a row: overall, popularity and the spread across clients."""
+  names = report_metrics(report)
+  popularity = report.get("baselines", {}).get("popularity", {}).get("overall", {})
+  width = max(len(display_name(name)) for name in names)
+  lines = [f"{'':<{width}} {'overall':>8} {'popular':>8} {'min':>8} {'max':>8} {'std':>8}"]
+  for name in names:
+    spread = report["balance"][name]
+    pop = f"{popularity[name]:8.4f}" if name in popularity else f"{'-':>8}"
+    lines.append(f"{display_name(name):<{width}} {report['overall'][name]:8.4f} {pop} {spread['min']:8.4f} "
+                 f"{spread['max']:8.4f} {spread['std']:8.4f}")
+  return "\n".join(lines)

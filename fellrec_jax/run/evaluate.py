@@ -92,6 +92,7 @@ def evaluate(run, best_adapters, *, out_dir=None, write: bool = True) -> dict:
               report["baselines"]["popularity"]["overall"].get("recall@10", float("nan")))
   if write and distributed.is_main():
     write_outputs(Path(out_dir or run.workdir), report, rankings, cases, catalog.titles)
+    print(metrics.text_table(report))
   return report
 
 
