@@ -5,7 +5,8 @@
 Writes to the workdir: metrics.jsonl (one line per round), checkpoints/, summary.json, adapters/ (best
 PEFT adapters per client), eval.json and plots (when evaluation runs), train.log. Re-running the same
 command resumes from the last checkpoint. The same command runs as one process of a multi-process job
-(docs/cluster.md): see --coordinator, --num_processes, --process_id, or tools/launch/.
+(docs/cluster.md): see --coordinator, --num_processes, --process_id, or tools/launch/. Installed, the
+same program is `fellrec-train` (fellrec_jax/run/entry.py).
 """
 
 import sys
@@ -13,26 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from fellrec_jax.run import cli
-from fellrec_jax.run import train
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (configs/*.py[:smoke]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default runs/<config name>.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  cli.run(cli.join, config.mesh.clients * config.mesh.model)
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO through absl
-  config_path = flags.FLAGS["config"].config_filename
-  workdir = _WORKDIR.value or str(Path("runs") / Path(config_path.split(":")[0]).stem)
-  cli.run(train.train, config, workdir)
-
+from fellrec_jax.run import entry  # noqa: E402
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.train()
