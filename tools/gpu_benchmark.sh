@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark end to end (issue 6), within 10 minutes: our round against the PyTorch baseline
-# (transformers + PEFT, clients one after another) on a ~1.1B-parameter Llama (TinyLlama's shape) in
-# bfloat16, at 16 and 32 clients; writes the table, the JSON and the device's name to $OUT.
+# The GPU benchmark end to end, within 10 minutes: our round against the PyTorch baseline (transformers +
+# PEFT, clients one after another) on a ~1.1B-parameter Llama (TinyLlama's shape) in bfloat16, at 16 and
+# 32 clients; writes the table, the JSON and the device's name to $OUT.
 #
 #   bash tools/gpu_benchmark.sh                      # on a machine whose python3 has jax[cuda], torch, peft
 #   PRESET=tiny CLIENTS=2 PYTHON=.venv/bin/python OUT=/tmp/gpub bash tools/gpu_benchmark.sh   # dry run on a CPU
 #
-# On this project's lent GPU machines python3 has jax, torch, transformers and peft but not ml-collections,
-# and nothing can be downloaded there: carry its wheel (pure Python, imported from the zip):
-#   pip download ml-collections --no-deps -d .gpu_wheels && echo /.gpu_wheels/ >> .git/info/exclude
-#   device run: command "bash tools/gpu_benchmark.sh", carry [".gpu_wheels"], timeout_s 600
-# ../shared does not travel there: the benchmark then trains on the synthetic dataset (it says so).
+# A machine without network access and without ml-collections: put its wheel (pure Python, imported from
+# the zip) in .gpu_wheels/ at the top of the checkout first:
+#   pip download ml-collections --no-deps -d .gpu_wheels
+# Without the Games records (tools/benchmark.py --data) the benchmark trains on the synthetic dataset (it
+# says so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
