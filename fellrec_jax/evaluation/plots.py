@@ -86,6 +86,48 @@ def plot_round_curves(rounds: Sequence[Mapping], path, client_curves: Sequence[s
   return _save(fig, path)
 
 
+def plot_validation_curves(curves: Mapping[str, Sequence[Sequence[float]]], path) -> Path:
+  """Weighted validation loss per round of several methods, over seeds: each seed's curve thin, the mean
+  over seeds thick (curves: {method: [per-seed list of per-round losses]})."""
+  fig = Figure(figsize=(6.5, 4))
+  ax = fig.add_subplot(1, 1, 1)
+  for index, (method, runs) in enumerate(curves.items()):
+    color = f"C{index % 10}"
+    for run in runs:
+      ax.plot(range(len(run)), run, color=color, alpha=0.3, linewidth=0.8)
+    length = min(len(run) for run in runs)
+    mean = np.mean([run[:length] for run in runs], axis=0)
+    ax.plot(range(length), mean, color=color, linewidth=2.2, label=f"{method} ({len(runs)} seeds)")
+  ax.set_xlabel("round")
+  ax.set_ylabel("weighted validation loss")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  return _save(fig, path)
+
+
+def plot_mixing_strip(rounds: Sequence[Mapping], path, max_rounds: int = 12) -> Path:
+  """FELLRec's mixing matrices of the first rounds as a strip of heat maps, with each client's warm weight
+  under its row (records of metrics.jsonl)."""
+  rounds = sorted(rounds, key=lambda r: r["round"])[:max_rounds]
+  if not rounds:
+    raise ValueError("no metrics records to draw")
+  fig = Figure(figsize=(2.2 * len(rounds) + 0.8, 2.6))
+  for index, record in enumerate(rounds):
+    ax = fig.add_subplot(1, len(rounds), index + 1)
+    image = ax.imshow(np.asarray(record["aggregation"]), vmin=0.0, vmax=1.0, cmap="viridis")
+    warm = ", ".join(f"{c['warm_weight']:.2f}" for c in record["clients"]) if len(record["clients"]) <= 6 else ""
+    ax.set_title(f"round {record['round']}", fontsize="small")
+    ax.set_xlabel(f"w: {warm}" if warm else "source client", fontsize="x-small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.colorbar(image, ax=fig.axes, fraction=0.02)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
+
+
 def _series(rounds, kind: str, field: str):
   """(label, rounds, values) lines of one panel."""
   if kind == "round":
