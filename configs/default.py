@@ -32,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.max_position_embeddings = 1024  # longest position
   c.model.remat = False  # recompute layer activations in the backward pass (less memory, more FLOPs)
   c.model.loss_chunk = 0  # positions per LM-head/cross-entropy chunk; 0 = all at once
+  # PEFT LoRA adapters every client starts from instead of fresh ones (fed.adapter_init): a PEFT directory
+  # (adapter_config.json) for all clients, or a directory of client_<c>/ ones (tools/export_adapters.py
+  # writes them); their r, alpha and target_modules must match `lora`. "" = fresh adapters.
+  c.model.init_adapters = ""
 
   c.pretrain = ml_collections.ConfigDict()  # in-process pretraining of the tiny base (hf_dir == "")
   c.pretrain.steps = 300  # full-parameter AdamW steps on title lists

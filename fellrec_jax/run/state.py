@@ -15,6 +15,7 @@ from fellrec_jax.federated import heating
 from fellrec_jax.federated import sharding
 from fellrec_jax.federated import training
 from fellrec_jax.model import lora as lora_lib
+from fellrec_jax.run import adapters as adapters_lib
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import distributed
 from fellrec_jax.run.setup import Run, config_dict
@@ -67,7 +68,11 @@ def initial_adapters(run: Run, key: jax.Array, num_clients: int):
   builds a fresh PEFT model per client; "shared": one draw from `key` for all. FELLRec's similarity is the
   cosine of the clients' adapters, so shared initial lora_a keep every similarity near 1 (near-uniform
   mixing); independent ones let it tell clients apart (metrics.jsonl logs similarity_offdiag_mean).
+  model.init_adapters = a PEFT directory (for all clients) or one of client_<c>/ directories: those instead.
   """
+  if run.config.model.get("init_adapters"):
+    stacked = adapters_lib.init_adapters(run.config.model.init_adapters, run.model_cfg, run.lcfg, num_clients)
+    return jax.tree.map(jnp.asarray, stacked)
   init = lambda k: lora_lib.init_adapters(run.model_cfg, run.lcfg, k)
   if run.config.fed.adapter_init == "shared":
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)).copy(), init(key))
