@@ -93,6 +93,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_rounds_per_run = 0  # stop after this many rounds in one invocation (time-limited jobs); re-run resumes
   c.keep_checkpoints = 2  # checkpoints kept on disk
 
+  c.log = ml_collections.ConfigDict()  # experiment trackers (run/tracking.py), besides metrics.jsonl
+  c.log.tensorboard = False  # TensorBoard events in <workdir>/tensorboard (needs tensorboardX)
+  c.log.wandb_project = ""  # Weights & Biases project to log to; "" = off (needs wandb)
+  c.log.wandb_mode = "offline"  # offline (files in <workdir>/wandb; `wandb sync` uploads them) | online
+  c.log.client_scalars = 64  # per-client curves for up to this many clients; more: their min/mean/max
+
   c.eval = ml_collections.ConfigDict()  # docs/method.md §5
   c.eval.at_end = True  # evaluate the best adapters on the test split when training ends
   c.eval.every = 0  # also evaluate every N rounds (0 = never)

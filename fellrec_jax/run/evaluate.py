@@ -148,6 +148,9 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 def evaluate_workdir(workdir, **eval_overrides) -> dict:
   """Evaluate the best adapters of the run in `workdir` (from its latest checkpoint)."""
   config = load_config(workdir)
+  config.model.init_adapters = ""  # the checkpoint holds the adapters: the ones the run started from are not read
+  if "log" in config:  # nor are the run's trackers written to
+    config.log.tensorboard, config.log.wandb_project = False, ""
   for key, value in eval_overrides.items():
     if value is not None:
       config.eval[key] = value

@@ -24,6 +24,7 @@ from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import split as split_lib
 from fellrec_jax.run import distributed
 from fellrec_jax.run import pretrain
+from fellrec_jax.run import tracking
 
 logger = logging.getLogger("fellrec_jax")
 
@@ -88,6 +89,11 @@ def validate_config(config) -> None:
     raise ValueError(f"train.accum_steps must be >= 1, got {config.train.accum_steps}")
   if config.checkpoint_every < 1:
     raise ValueError(f"checkpoint_every must be >= 1, got {config.checkpoint_every}")
+  init = config.model.get("init_adapters")
+  if init and not Path(init).is_dir():
+    raise ValueError(f"model.init_adapters={init!r}: no such directory (a PEFT adapter directory, or one holding "
+                     "client_<c>/ directories)")
+  tracking.check(config)
 
 
 def setup_logging(workdir: Path) -> None:

@@ -24,7 +24,7 @@ logger = logging.getLogger("fellrec_jax")
 
 # Fields that may differ when a run is resumed: they do not change the numbers of the rounds already run
 # (fed.rounds may grow: a finished or stopped run then continues; it may not drop below the rounds run).
-RESUMABLE_FIELDS = ("max_rounds_per_run", "checkpoint_every", "keep_checkpoints", "eval", "fed.rounds")
+RESUMABLE_FIELDS = ("max_rounds_per_run", "checkpoint_every", "keep_checkpoints", "eval", "fed.rounds", "log")
 
 
 class ServerState(NamedTuple):

@@ -26,6 +26,7 @@ from fellrec_jax.run import evaluate as evaluation
 from fellrec_jax.run import rounds
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import state as state_lib
+from fellrec_jax.run import tracking
 from fellrec_jax.run.rounds import json_float
 from fellrec_jax.run.setup import Run
 from fellrec_jax.run.state import TrainState
@@ -89,6 +90,7 @@ def train(config, workdir) -> dict:
       summary["eval"] = evaluation.evaluate(run, state.best_adapters)["overall"]
       if distributed.is_main():
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracking.finish(run, summary)  # the final evaluation to the trackers; they close
   return summary
 
 
@@ -121,6 +123,7 @@ def log_round(run: Run, record: dict, progress) -> None:
   if distributed.is_main():
     with open(run.workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
+  tracking.log_round(run, record)  # TensorBoard / W&B when enabled (log.*), process 0
   progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
                        val=f"{record['val_loss_weighted']:.3f}")
   losses = [c["train_loss"] for c in record["clients"]]
