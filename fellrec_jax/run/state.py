@@ -70,8 +70,9 @@ def initial_adapters(run: Run, key: jax.Array, num_clients: int):
   mixing); independent ones let it tell clients apart (metrics.jsonl logs similarity_offdiag_mean).
   model.init_adapters = a PEFT directory (for all clients) or one of client_<c>/ directories: those instead.
   """
-  if run.config.model.get("init_adapters"):
-    stacked = adapters_lib.init_adapters(run.config.model.init_adapters, run.model_cfg, run.lcfg, num_clients)
+  init_dir = (run.config.get("model") or {}).get("init_adapters")
+  if init_dir:
+    stacked = adapters_lib.init_adapters(init_dir, run.model_cfg, run.lcfg, num_clients)
     return jax.tree.map(jnp.asarray, stacked)
   init = lambda k: lora_lib.init_adapters(run.model_cfg, run.lcfg, k)
   if run.config.fed.adapter_init == "shared":
