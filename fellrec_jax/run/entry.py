@@ -29,6 +29,7 @@ from fellrec_jax.run import cli
 from fellrec_jax.run import comparison
 from fellrec_jax.run import distributed
 from fellrec_jax.run import evaluate as evaluation
+from fellrec_jax.run import tracking
 from fellrec_jax.run import train as train_lib
 
 DEFAULT_CONFIG = "configs/default.py"
@@ -49,6 +50,15 @@ def _importable_configs(argv: Sequence[str]) -> None:
   root = str(config_import_path(argv))
   if root not in sys.path:
     sys.path.insert(0, root)
+
+
+def _run(fn, *args):
+  """cli.run, with a tracker that cannot be used (log.*) also reported as one line."""
+  try:
+    return cli.run(fn, *args)
+  except tracking.TrackingError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _no_arguments(argv) -> None:
@@ -73,7 +83,7 @@ def train(argv: Sequence[str] | None = None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint step at INFO through absl
     config_path = flags.FLAGS["config"].config_filename
     workdir = workdir_flag.value or str(Path("runs") / Path(config_path.split(":")[0]).stem)
-    cli.run(train_lib.train, config, workdir)
+    _run(train_lib.train, config, workdir)
 
   _importable_configs(argv)
   app.run(main, argv)
@@ -123,7 +133,7 @@ def compare(argv: Sequence[str] | None = None) -> None:
     config = config_flag.value
     cli.run(cli.join, config.mesh.clients * config.mesh.model)
     absl_logging.set_verbosity(absl_logging.WARNING)
-    cli.run(comparison.compare, config, workdir_flag.value, aggregators_flag.value)
+    _run(comparison.compare, config, workdir_flag.value, aggregators_flag.value)
 
   _importable_configs(argv)
   app.run(main, argv)
