@@ -14,7 +14,7 @@ from fellrec_jax.run import train
 from test_train import smoke
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = [f"{m}@{k}" for m in ("precision", "recall", "ndcg", "mrr") for k in (5, 10, 20)]
+METRICS = [f"{m}@{k}" for m in ("hr", "precision", "recall", "ndcg", "mrr") for k in (5, 10, 20)]
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def detect(coordinator: str | None = None, num_processes: int | None = None, pro
   return None
 
 
-def _checked(p: Processes) -> Processes:
+def _checked(p: Processes) -> Processes | None:
   if p.num_processes < 1 or not 0 <= p.process_id < p.num_processes:
     raise DistributedError(f"process_id={p.process_id} is not in [0, num_processes={p.num_processes}) "
                            f"({p.source})")
