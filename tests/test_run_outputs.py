@@ -81,8 +81,8 @@ def test_enabling_a_tracker_whose_package_is_missing_is_a_setup_error(monkeypatc
 def test_final_evaluation_and_many_clients(tmp_path):
   config = smoke(**{"log.tensorboard": True, "log.client_scalars": 2})
   run = types.SimpleNamespace(workdir=tmp_path, config=config)
-  clients = [{"client": c, "train_loss": 1.0 + c, "val_loss": None if c == 2 else 2.0 * c, "lr": 0.1, "warm_weight": 1.0,
-              "train_examples": 1 + c} for c in range(3)]
+  clients = [{"client": c, "train_loss": 1.0 + c, "val_loss": None if c == 2 else 2.0 * c, "lr": 0.1,
+              "warm_weight": 1.0, "train_examples": 1 + c} for c in range(3)]
   record = {"round": 4, "clients": clients, "val_loss_weighted": 0.5, "comm_bytes": 10, "seconds": 2.0,
             "aggregation": np.eye(3).tolist(), "similarity_offdiag_mean": None}
   tracking.log_round(run, record)

@@ -50,7 +50,7 @@ def check(config) -> None:
   for field, package in PACKAGES.items():
     if log[field] and importlib.util.find_spec(package) is None:
       raise TrackingError(f"log.{field}={log[field]!r} needs the {package} package, which is not installed: "
-                          f"pip install {package} (or pip install 'fellrec_jax[tracking]'), or unset log.{field}")
+                          f"pip install {package}, or unset log.{field}")
   if log["wandb_mode"] not in WANDB_MODES:
     raise TrackingError(f"log.wandb_mode must be one of {WANDB_MODES}, got {log['wandb_mode']!r}")
   if log["client_scalars"] < 0:
