@@ -121,19 +121,22 @@ def evaluate(argv: Sequence[str] | None = None) -> None:
 
 
 def compare(argv: Sequence[str] | None = None) -> None:
-  """fellrec-compare --config=configs/<name>.py [--workdir=DIR] [--aggregators=fellrec,fedavg,...]."""
+  """fellrec-compare --config=configs/<name>.py [--workdir=DIR] [--aggregators=fellrec,fedavg,...] [--seeds=0,1,2]."""
   argv = list(sys.argv if argv is None else argv)
   config_flag = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (configs/*.py[:smoke]).")
   workdir_flag = flags.DEFINE_string("workdir", "runs/compare", "Output directory.")
   aggregators_flag = flags.DEFINE_list("aggregators", ["fellrec", "fedavg", "local", "centralized"],
                                        "Aggregators to compare.")
+  seeds_flag = flags.DEFINE_list("seeds", [], "Seeds (partition, initialisation, data order), e.g. 0,1,2,3,4: "
+                                 "every aggregator runs on every seed; mean and 95% interval (default: the config's).")
 
   def main(args):
     _no_arguments(args)
     config = config_flag.value
     cli.run(cli.join, config.mesh.clients * config.mesh.model)
     absl_logging.set_verbosity(absl_logging.WARNING)
-    _run(comparison.compare, config, workdir_flag.value, aggregators_flag.value)
+    seeds = [int(s) for s in seeds_flag.value]
+    _run(comparison.compare, config, workdir_flag.value, aggregators_flag.value, seeds)
 
   _importable_configs(argv)
   app.run(main, argv)
