@@ -26,7 +26,8 @@ def compare(config, workdir, aggregators: Sequence[str], seeds: Sequence[int] | 
   One seed (default: the config's) keeps workdir/<aggregator>; several go to workdir/seed_<s>/<aggregator>
   (the seed sets the partition, the initialisation and the data order), summarised by `seed_summary`. Runs
   share one pretrained tiny base model (workdir/base_model). A run whose eval.json exists is not rerun, so
-  an interrupted comparison resumes. Returns {seed: {aggregator: eval.json report}}.
+  an interrupted comparison resumes. Returns, with one seed, {aggregator: eval.json report} plus the
+  popularity baseline's report under "popularity"; with several, {seed: {aggregator: report}}.
   """
   workdir = Path(workdir)
   unknown = [a for a in aggregators if a not in setup_lib.AGGREGATORS]
@@ -49,7 +50,10 @@ def compare(config, workdir, aggregators: Sequence[str], seeds: Sequence[int] | 
       runs.setdefault(seed, {})[aggregator] = run_dir
   if distributed.is_main():
     _write(config, workdir, aggregators, reports, runs)
-  return reports
+  if len(seeds) > 1:
+    return reports
+  one = reports[seeds[0]]
+  return {**one, "popularity": one[aggregators[0]]["baselines"]["popularity"]}
 
 
 def _write(config, workdir: Path, aggregators, reports, runs) -> None:
