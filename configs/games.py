@@ -27,6 +27,13 @@ REFERENCE = {
 }
 
 
+def apply_reference(c) -> None:
+  """Set every REFERENCE field on config c."""
+  for field, value in REFERENCE.items():
+    section, name = field.split(".")
+    c[section][name] = value
+
+
 def get_config(arg: str | None = None):
   c = default.get_config()
   c.data.path = "data/games"  # BIGRec directory (train/valid/test.json), relative to the cwd: tools/fetch_data.py
@@ -52,9 +59,7 @@ def get_config(arg: str | None = None):
   c.train.warmup_steps = 20  # reference
   c.train.learning_rate = 1e-3  # the tiny model needs more than the reference's 1e-4 (a 7B model)
   if arg == "reference":
-    for field, value in REFERENCE.items():
-      section, name = field.split(".")
-      c[section][name] = value
+    apply_reference(c)
   elif arg == "smoke":
     default.smoke(c)
   elif arg:

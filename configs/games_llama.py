@@ -44,9 +44,7 @@ def get_config(arg: str | None = None):
   c.model.remat = False
   c.eval.batch_size = 16  # prompts per generation batch (4 beams each), with a 128k-vocabulary head
   if arg == "reference":  # the authors' behaviours (configs/games.py), their learning rate included
-    for field, value in games.REFERENCE.items():
-      section, name = field.split(".")
-      c[section][name] = value
+    games.apply_reference(c)
   elif arg == "smoke":
     c.data.max_train_samples = 64
     c.data.max_valid_samples = 32
