@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from fellrec_jax.data.records import DataError, Record, load_records, parse_record, save_records
+from fellrec_jax.run import files
 
 SPLITS = ("train", "valid", "test")
 CATALOG_FILE = "items.json"
@@ -144,7 +145,7 @@ def save_dataset(path, dataset: Dataset) -> None:
 
 
 def _write_json(path: Path, value) -> None:
-  path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+  files.write_json(path, value, indent=1, ensure_ascii=False)
 
 
 def _read_json_list(path: Path) -> list:

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
+from fellrec_jax.run import files
+
 TITLE_SEPARATOR = '", "'
 INPUT_END = "\n "
 FIELDS = ("instruction", "input", "output", "user")
@@ -191,8 +193,7 @@ def records_to_json(records: Iterable[Record]) -> list[dict]:
 
 def save_records(path, records: Iterable[Record]) -> None:
   """Writes records as the reference does (a JSON list, indent 4), keeping non-ASCII text as is."""
-  Path(path).write_text(json.dumps(records_to_json(records), indent=4, ensure_ascii=False) + "\n",
-                        encoding="utf-8")
+  files.write_json(path, records_to_json(records), indent=4, ensure_ascii=False)
 
 
 def _clip(text: str, limit: int = 80) -> str:

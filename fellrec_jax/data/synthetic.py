@@ -76,9 +76,63 @@ def _with_defaults(config) -> ml_collections.ConfigDict:
     overrides = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     for key, value in overrides.items():
       if key not in merged:
-        raise ValueError(f"unknown synthetic setting {key!r}; known: {sorted(merged)}")
-      merged[key] = value
+        raise ValueError(f"data.synthetic.{key}: unknown synthetic setting; known: {sorted(merged)}")
+      try:
+        merged[key] = value
+      except TypeError:  # of another type than the default's
+        raise ValueError(f"data.synthetic.{key} must be {_RULES[key][1]}, got {value!r}") from None
+  _check_values(merged)
   return merged
+
+
+# field: (test, what it must be), checked before any data is generated
+_RULES = {
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_users": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_series": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_installments": (lambda v: _is_int(v) and 2 <= v <= len(NUMERALS), f"an integer in [2, {len(NUMERALS)}]"),
+    "num_groups": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "group_skew": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "mean_length": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "min_length": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a history and a target)"),
+    "max_length": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "sequel_prob": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_prob(p) for p in v),
+                    "a pair of probabilities (first group, last group)"),
+    "genre_prob": (lambda v: _is_prob(v), "a probability in [0, 1]"),
+    "genre_boost": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "family_boost": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "days": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "min_span": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "popularity_shape": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "k_core": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "window": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_prob(v) -> bool:
+  return _is_number(v) and 0 <= v <= 1
+
+
+def check_config(config: Mapping | None) -> None:
+  """Raise ValueError naming the first data.synthetic field that is unknown or whose value is impossible."""
+  _with_defaults(config)
+
+
+def _check_values(config) -> None:
+  for field, (ok, what) in _RULES.items():
+    if not ok(config[field]):
+      raise ValueError(f"data.synthetic.{field} must be {what}, got {config[field]!r}")
+  if config.min_length > config.max_length:
+    raise ValueError(f"data.synthetic.min_length={config.min_length} is above data.synthetic.max_length="
+                     f"{config.max_length}")
 
 
 def make_catalog(rng: np.random.Generator, config) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from fellrec_jax.data.dataset import Dataset
 from fellrec_jax.data.prompts import full_text
 from fellrec_jax.data.records import INPUT_END, DataError, Record, make_record, parse_record
+from fellrec_jax.run import files
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, Llama's order for unk/bos/eos
@@ -81,7 +82,7 @@ def load_or_train_tokenizer(*, tokenizer_path: str, dataset: Dataset, vocab_size
   logger.info("trained a byte-level BPE of %d tokens on %d titles", len(tokenizer), len(dataset.catalog))
   if save_dir is not None:
     tokenizer.save_pretrained(str(save_dir))
-    (Path(save_dir) / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1) + "\n")
+    files.write_json(Path(save_dir) / FINGERPRINT_FILE, fingerprint, indent=1)
   return tokenizer
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import llama as model_lib
+from fellrec_jax.run import files
 
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _PEFT_PREFIX = "base_model.model.model.layers"
@@ -81,10 +82,30 @@ def load_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> model_lib.
   path = Path(hf_dir) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Llama checkpoint directory)")
-  hf_config = transformers.AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
-  if hf_config.model_type != "llama":
-    raise CheckpointError(f"{path}: model_type is {hf_config.model_type!r}; only 'llama' is supported")
-  return config_from_hf(hf_config, dtype)
+  raw = read_json(path, dict)
+  if raw.get("model_type") != "llama":
+    raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}; only 'llama' is supported")
+  architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+  if "LlamaForCausalLM" not in architectures:
+    raise CheckpointError(f"{path}: architectures is {architectures!r}; only LlamaForCausalLM (a causal language "
+                          "model with its LM head) is supported")
+  try:
+    hf_config = transformers.AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    return config_from_hf(hf_config, dtype)
+  except (TypeError, ValueError, KeyError, NotImplementedError, ZeroDivisionError) as error:
+    raise CheckpointError(f"{path}: {type(error).__name__}: {error}") from None
+
+
+def read_json(path: Path, kind: type = dict):
+  """The JSON value of a file, which must be of `kind` (dict or list); a clear error naming the file."""
+  try:
+    value = json.loads(Path(path).read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(value, kind):
+    raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got "
+                          f"{type(value).__name__}")
+  return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,8 +115,14 @@ def load_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> model_lib.
 def _safetensors_files(hf_dir: Path) -> list[Path]:
   index = hf_dir / "model.safetensors.index.json"
   if index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return [hf_dir / name for name in sorted(set(weight_map.values()))]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"{index}: field 'weight_map' (tensor name -> shard file) is missing or empty")
+    shards = [hf_dir / str(name) for name in sorted(set(map(str, weight_map.values())))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+      raise CheckpointError(f"{index}: field 'weight_map' names shard files that are missing: {missing[:3]}")
+    return shards
   single = hf_dir / "model.safetensors"
   if single.is_file():
     return [single]
@@ -103,12 +130,15 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
                         "checkpoints are supported; convert .bin files with transformers' save_pretrained)")
 
 
-def _read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
+def _read_tensors(paths: list[Path]) -> dict[str, np.ndarray]:
   tensors = {}
-  for path in files:
-    with safe_open(str(path), framework="numpy") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
+  for path in paths:
+    try:
+      with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():
+          tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, TypeError) as error:
+      raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
   return tensors
 
 
@@ -198,7 +228,8 @@ def save_llama(hf_dir, cfg: model_lib.LlamaConfig, params: dict, max_shard_bytes
 def _write_safetensors(hf_dir: Path, tensors: dict, max_shard_bytes: int | None) -> None:
   metadata = {"format": "pt"}
   if not max_shard_bytes or sum(v.nbytes for v in tensors.values()) <= max_shard_bytes:
-    save_file(tensors, str(hf_dir / "model.safetensors"), metadata=metadata)
+    with files.atomic_path(hf_dir / "model.safetensors") as tmp:
+      save_file(tensors, str(tmp), metadata=metadata)
     return
   shards, current, size = [], {}, 0
   for key, value in tensors.items():
@@ -211,10 +242,11 @@ def _write_safetensors(hf_dir: Path, tensors: dict, max_shard_bytes: int | None)
   weight_map = {}
   for i, shard in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, str(hf_dir / name), metadata=metadata)
+    with files.atomic_path(hf_dir / name) as tmp:
+      save_file(shard, str(tmp), metadata=metadata)
     weight_map.update({key: name for key in shard})
   index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
-  (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+  files.write_json(hf_dir / "model.safetensors.index.json", index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +263,7 @@ def save_peft_adapter(out_dir, adapters: dict, lcfg: lora_lib.LoraConfig, base_m
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
       "base_model_name_or_path": base_model_name_or_path, "init_lora_weights": True,
   }
-  (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+  files.write_json(out_dir / "adapter_config.json", config)
   tensors = {}
   for name, ab in lora_lib.projection_adapters(adapters).items():
     a, b = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
@@ -239,14 +271,15 @@ def save_peft_adapter(out_dir, adapters: dict, lcfg: lora_lib.LoraConfig, base_m
       key = f"{_PEFT_PREFIX}.{i}.{lora_lib.block_of(name)}.{name}"
       tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
       tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
-  save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+  with files.atomic_path(out_dir / "adapter_model.safetensors") as tmp:
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def load_peft_config(adapter_dir) -> lora_lib.LoraConfig:
   path = Path(adapter_dir) / "adapter_config.json"
   if not path.is_file():
     raise CheckpointError(f"{path}: no adapter_config.json (expected a PEFT LoRA adapter directory)")
-  raw = json.loads(path.read_text())
+  raw = read_json(path)
   if raw.get("peft_type", "LORA") != "LORA":
     raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
   for field in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
@@ -257,9 +290,23 @@ def load_peft_config(adapter_dir) -> lora_lib.LoraConfig:
   targets = raw.get("target_modules")
   if isinstance(targets, str) or not targets:
     raise CheckpointError(f"{path}: field 'target_modules' must be a list of projection names, got {targets!r}")
-  return lora_lib.LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
-                             dropout=float(raw.get("lora_dropout", 0.0)),
-                             targets=tuple(sorted(targets)), use_rslora=bool(raw.get("use_rslora", False)))
+  absent = [t for t in targets if t not in lora_lib.ALL_TARGETS]
+  if absent:
+    raise CheckpointError(f"{path}: field 'target_modules' names {absent}, which a Llama decoder layer does not "
+                          f"have (its projections: {', '.join(lora_lib.ALL_TARGETS)})")
+  for field in ("r", "lora_alpha"):
+    if field not in raw:
+      raise CheckpointError(f"{path}: field {field!r} is missing")
+    if isinstance(raw[field], bool) or not isinstance(raw[field], (int, float)):
+      raise CheckpointError(f"{path}: field {field!r} must be a number, got {raw[field]!r}")
+  if raw["r"] != int(raw["r"]) or raw["r"] < 1:
+    raise CheckpointError(f"{path}: field 'r' (the LoRA rank) must be an integer >= 1, got {raw['r']!r}")
+  try:
+    return lora_lib.LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                               dropout=float(raw.get("lora_dropout", 0.0)),
+                               targets=tuple(sorted(targets)), use_rslora=bool(raw.get("use_rslora", False)))
+  except (TypeError, ValueError) as error:
+    raise CheckpointError(f"{path}: {error}") from None
 
 
 def load_peft_adapter(adapter_dir, cfg: model_lib.LlamaConfig):

@@ -6,16 +6,29 @@ Layout versions: 1 (no "layout" field) stored adapters as {projection: {"a", "b"
 NNX adapter state, {"layers": {block: {projection: {"lora_a", "lora_b"}}}}. A checkpoint of another layout
 is refused with a message rather than converted: a run is cheap to restart next to it, and a converter
 would have to follow every future change of the state.
+
+Crashes: Orbax writes a step into a temporary directory and renames it when complete, so a save cut short
+leaves no step (its temporary directory is removed when the manager next opens). A step that is damaged
+all the same (a truncated or corrupted file: a disk error, a copy cut short, a file system without atomic
+renames) is skipped on resume with a warning: the run resumes from the newest readable step, and the
+damaged ones are moved to `damaged_checkpoints/` next to `checkpoints/` (kept for inspection, and out of the
+way of the rounds that are redone).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from fellrec_jax.run import files
+
+logger = logging.getLogger("fellrec_jax")
 
 
 LAYOUT_VERSION = 2
@@ -27,21 +40,49 @@ class ResumeError(ValueError):
 
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                         create=True)
+                                         create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   meta = {**meta, "layout": LAYOUT_VERSION}
+  files.fault_point("checkpoint_before_save")
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
+  files.fault_point("checkpoint_after_save")
 
 
-def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
-  """(step, state shaped like `like`, meta) of the latest (or given) checkpoint; None if there is none."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
+def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None,
+            check: Callable[[dict], None] | None = None, damaged: list | None = None
+            ) -> tuple[int, Any, dict] | None:
+  """(step, state shaped like `like`, meta) of the latest readable (or the given) checkpoint; None if none.
+
+  `check(meta)` runs before the state is read (it raises to refuse a checkpoint, e.g. of another config).
+  Without `step`, a damaged step (its meta or state unreadable) is skipped, with a warning, for the one
+  before it, and appended to `damaged` when given. A given `step` that is damaged raises.
+  """
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  damaged = [] if damaged is None else damaged
+  for s in steps:
+    try:
+      meta = _read_meta(mngr, s)
+    except Exception as error:  # noqa: BLE001 (any failure to read a file of the step is damage)
+      _damaged(mngr, s, error, step is not None, damaged)
+      continue
+    if check is not None:
+      check(meta)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+      _check_structure(mngr, s, abstract)
+      restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as error:  # noqa: BLE001
+      _damaged(mngr, s, error, step is not None, damaged)
+      continue
+    return s, restored.state, meta
+  return None
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
   layout = meta.get("layout", 1)
   if layout != LAYOUT_VERSION:
@@ -49,9 +90,55 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
         f"{Path(mngr.directory) / str(step)}: checkpoint of state layout {layout}, written by another version "
         f"of fellrec_jax; this version reads layout {LAYOUT_VERSION} (see fellrec_jax/run/checkpoint.py). "
         "Start the run in a new --workdir, or resume it with the version that wrote it.")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return step, restored.state, meta
+  return meta
+
+
+def _check_structure(mngr: ocp.CheckpointManager, step: int, abstract) -> None:
+  """Raise ResumeError if the saved state's arrays (names, shapes) are not those of `abstract` (a change of
+  the state without a new layout version); its metadata unreadable raises another error (damage)."""
+  saved = ocp.StandardCheckpointer().metadata(Path(mngr.directory) / str(step) / "state").item_metadata
+  theirs, ours = _shapes(saved), _shapes(abstract)
+  unreadable = [k for k, shape in theirs.items() if shape is None]
+  if not theirs or unreadable:
+    raise OSError("the state's array metadata is unreadable")
+  if theirs != ours:
+    diffs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    raise ResumeError(
+        f"{Path(mngr.directory) / str(step)}: the checkpoint's state differs from this version's "
+        f"(e.g. {', '.join(f'{k}: saved {theirs.get(k)}, expected {ours.get(k)}' for k in diffs[:3])}); start "
+        "the run in a new --workdir, or resume it with the version that wrote it.")
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  shape = lambda v: None if getattr(v, "shape", None) is None else tuple(v.shape)
+  return {jax.tree_util.keystr(k): shape(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _damaged(mngr: ocp.CheckpointManager, step: int, error: Exception, fatal: bool, damaged: list) -> None:
+  if isinstance(error, ResumeError):
+    raise error
+  where = Path(mngr.directory) / str(step)
+  reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+  if fatal:
+    raise ResumeError(f"{where}: damaged checkpoint ({reason})") from error
+  logger.warning("%s: damaged checkpoint, skipped for the one before it (%s)", where, reason)
+  damaged.append(step)
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[Path]:
+  """Move damaged steps to <checkpoints>/../damaged_checkpoints/ (so those rounds can be saved again)."""
+  root = Path(mngr.directory)
+  moved = []
+  for step in steps:
+    target = root.parent / "damaged_checkpoints" / str(step)
+    n = 1
+    while target.exists():
+      target, n = root.parent / "damaged_checkpoints" / f"{step}_{n}", n + 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(root / str(step)), str(target))
+    logger.warning("moved the damaged checkpoint %s to %s", root / str(step), target)
+    moved.append(target)
+  return moved
 
 
 def config_fingerprint(config_dict: dict, ignore: tuple[str, ...]) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 from fellrec_jax.federated import sharding
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import distributed
+from fellrec_jax.run import files
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import state as state_lib
 from fellrec_jax.evaluation import metrics
@@ -104,7 +105,7 @@ def all_results(mine: dict, workdir: Path) -> dict:
   parts.mkdir(parents=True, exist_ok=True)
   encoded = {c: {"metrics": r.metrics, "num_test_users": r.num_test_users, "items": r.ranking.items.tolist(),
                  "predictions": r.ranking.predictions} for c, r in mine.items()}
-  (parts / f"process_{jax.process_index()}.json").write_text(json.dumps(encoded))
+  files.write_json(parts / f"process_{jax.process_index()}.json", encoded, indent=None)
   distributed.barrier("eval_parts_written")
   results = {}
   for path in sorted(parts.glob("process_*.json")):
@@ -119,14 +120,14 @@ def all_results(mine: dict, workdir: Path) -> dict:
 
 def write_outputs(out_dir: Path, report: dict, rankings, cases, titles) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-  with open(out_dir / "predictions.jsonl", "w") as f:
-    for client, ranking in sorted(rankings.items()):
-      for case, items, prediction in zip(cases[client], ranking.items, ranking.predictions):
-        f.write(json.dumps({"client": client, "user": int(case.user), "prediction": prediction,
-                            "ranked_item_ids": [int(i) for i in items[:10]],
-                            "ranked_titles": [titles[i] for i in items[:3] if i >= 0],
-                            "target_item_ids": [int(i) for i in case.target_item_ids]}) + "\n")
+  files.write_json(out_dir / "eval.json", report)
+  lines = [json.dumps({"client": client, "user": int(case.user), "prediction": prediction,
+                       "ranked_item_ids": [int(i) for i in items[:10]],
+                       "ranked_titles": [titles[i] for i in items[:3] if i >= 0],
+                       "target_item_ids": [int(i) for i in case.target_item_ids]}) + "\n"
+           for client, ranking in sorted(rankings.items())
+           for case, items, prediction in zip(cases[client], ranking.items, ranking.predictions)]
+  files.write_text(out_dir / "predictions.jsonl", "".join(lines))
   reports = {"model": report, "popularity": report["baselines"]["popularity"]}
   plots.plot_client_bars(reports, out_dir / "eval_clients.png", title="per-client test metrics")
   if (out_dir / "metrics.jsonl").exists():

@@ -25,6 +25,7 @@ from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import loss as loss_lib
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.data.records import format_titles
+from fellrec_jax.run import files
 
 logger = logging.getLogger(__name__)
 FINGERPRINT_FILE = "fellrec_pretrain.json"
@@ -103,6 +104,6 @@ def load_or_pretrain(out_dir, cfg: model_lib.LlamaConfig, tokenizer, titles, **s
               len(losses))
   hf_interop.save_llama(out_dir, cfg, base)
   tokenizer.save_pretrained(str(out_dir))
-  marker.write_text(json.dumps({"fingerprint": key, "first_loss": losses[0], "last_loss": losses[-1],
-                                "settings": settings}, indent=2))
+  files.write_json(marker, {"fingerprint": key, "first_loss": losses[0], "last_loss": losses[-1],
+                            "settings": settings})
   return cfg, jax.tree.map(np.asarray, base)
