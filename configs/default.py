@@ -66,6 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.ditto_lambda = 0.1  # ditto: proximal coefficient of the personal models
   c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)
   c.fed.patience = 5  # stop after this many rounds without a better weighted validation loss (reference 5)
+  # Participation and faults (docs/method.md §4.4). Clients sampled to train each round, without replacement,
+  # seeded by (seed, round); the others keep their adapters. 0 = every client, every round (reference).
+  c.fed.clients_per_round = 0
+  c.fed.dropout_prob = 0.0  # a participant fails to report with this probability (seeded); its work is discarded
+  c.fed.max_bad_rounds = 3  # a client non-finite this many rounds in a row is retired (0 = never); none left: stop
 
   c.fellrec = ml_collections.ConfigDict()  # dynamic balance (docs/method.md §4)
   c.fellrec.alpha = 0.7  # warm-weight scale (reference 0.7)
@@ -98,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.wandb_project = ""  # Weights & Biases project to log to; "" = off (needs wandb)
   c.log.wandb_mode = "offline"  # offline (files in <workdir>/wandb; `wandb sync` uploads them) | online
   c.log.client_scalars = 64  # per-client curves for up to this many clients; more: their min/mean/max
+  # metrics.jsonl lists per-client rows and the mixing matrix for up to this many clients; beyond, their
+  # summaries, and the full arrays in <workdir>/rounds/round_<r>.npz
+  c.log.metrics_clients = 100
 
   c.eval = ml_collections.ConfigDict()  # docs/method.md §5
   c.eval.at_end = True  # evaluate the best adapters on the test split when training ends

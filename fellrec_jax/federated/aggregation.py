@@ -30,23 +30,39 @@ def unflatten_clients(theta_CxP, like):
   return jax.vmap(unravel)(theta_CxP)
 
 
-def similarity(theta_CxP):
-  """s_ij = (cos(theta_i, theta_j) + 1) / 2 with s_ii = 1 (a zero vector has cosine 0 to the others)."""
+def similarity(theta_CxP, include=None):
+  """s_ij = (cos(theta_i, theta_j) + 1) / 2 with s_ii = 1 (a zero vector has cosine 0 to the others).
+
+  include: [C] bool, the clients that take part in the aggregation; s_ij = 0 (i != j) when client i or j
+  does not, so an excluded client neither gives nor takes anything (its row is the identity's).
+  """
   norms = jnp.linalg.norm(theta_CxP, axis=1)
   unit = theta_CxP / jnp.where(norms > 0, norms, 1.0)[:, None]
   s = (unit @ unit.T + 1.0) / 2.0
+  if include is not None:
+    s = jnp.where(include[:, None] & include[None, :], s, 0.0)
   return jnp.where(jnp.eye(s.shape[0], dtype=bool), 1.0, s)
 
 
+def masked_losses(losses, include=None):
+  """Training losses for the warm weights: an excluded client's is -inf, so its softmax weight is 0 and the
+  others' are a softmax over the included clients only (a non-finite loss never reaches the softmax)."""
+  losses = jnp.asarray(losses, jnp.float32)
+  return losses if include is None else jnp.where(include, losses, -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("skip_warm_when_beta_is_1",))
-def fellrec_matrix(theta, losses, round_index, *, alpha, beta, temperature=0.05, skip_warm_when_beta_is_1=False):
+def fellrec_matrix(theta, losses, round_index, include=None, *, alpha, beta, temperature=0.05,
+                   skip_warm_when_beta_is_1=False):
   """FELLRec's row-normalised mixing matrix [C, C]: a_ii = 1, a_ij = s_ij * w_i, rows divided by their sum.
 
-  theta: [C, P] flattened client parameters; losses: [C] mean training losses of the round; round_index: t.
+  theta: [C, P] flattened client parameters; losses: [C] mean training losses of the round; round_index: t;
+  include: [C] bool, the clients aggregated (None: all); an excluded client's row and column are the identity's.
   With skip_warm_when_beta_is_1, beta == 1 drops w_i as the reference code does (quirk (a)).
   """
-  s = similarity(jnp.asarray(theta, jnp.float32))
-  w = heating.warm_weights(losses, round_index, alpha=alpha, beta=beta, temperature=temperature)
+  s = similarity(jnp.asarray(theta, jnp.float32), include)
+  w = heating.warm_weights(masked_losses(losses, include), round_index, alpha=alpha, beta=beta,
+                           temperature=temperature)
   if skip_warm_when_beta_is_1:
     w = jnp.where(jnp.asarray(beta) == 1, 1.0, w)
   a = jnp.where(jnp.eye(s.shape[0], dtype=bool), 1.0, s * w[:, None])
@@ -54,13 +70,14 @@ def fellrec_matrix(theta, losses, round_index, *, alpha, beta, temperature=0.05,
 
 
 @jax.jit
-def fellrec_reference_sequential(theta, losses, round_index, *, alpha, beta, temperature=0.05):
+def fellrec_reference_sequential(theta, losses, round_index, include=None, *, alpha, beta, temperature=0.05):
   """The reference's update: clients updated one by one in place, so client i mixes the already-updated
   clients j < i (quirk (b)); similarities come from the round's parameters; beta == 1 skips w_i (quirk (a)).
-  Returns the new [C, P] parameters."""
+  Returns the new [C, P] parameters (an excluded client's, `include` False, unchanged)."""
   theta = jnp.asarray(theta, jnp.float32)
-  s = similarity(theta)
-  w = heating.warm_weights(losses, round_index, alpha=alpha, beta=beta, temperature=temperature)
+  s = similarity(theta, include)
+  w = heating.warm_weights(masked_losses(losses, include), round_index, alpha=alpha, beta=beta,
+                           temperature=temperature)
   w = jnp.where(jnp.asarray(beta) == 1, 1.0, w)
   C = theta.shape[0]
 
@@ -71,10 +88,15 @@ def fellrec_reference_sequential(theta, losses, round_index, *, alpha, beta, tem
   return jax.lax.fori_loop(0, C, update_client, theta)
 
 
-def fedavg_matrix(num_examples):
-  """Every row is the sample-weighted mean: a_ij = n_j / sum(n)."""
+def fedavg_matrix(num_examples, include=None):
+  """Every row is the sample-weighted mean: a_ij = n_j / sum(n); with `include` [C] bool, the mean over the
+  included clients, and an excluded client's row the identity's."""
   n = jnp.asarray(num_examples, jnp.float32)
-  return jnp.broadcast_to(n / jnp.sum(n), (n.shape[0], n.shape[0]))
+  if include is None:
+    return jnp.broadcast_to(n / jnp.sum(n), (n.shape[0], n.shape[0]))
+  n = jnp.where(include, n, 0.0)
+  rows = jnp.broadcast_to(n / jnp.maximum(jnp.sum(n), 1e-30), (n.shape[0], n.shape[0]))
+  return jnp.where(include[:, None], rows, jnp.eye(n.shape[0], dtype=jnp.float32))
 
 
 def identity_matrix(num_clients: int):
@@ -122,27 +144,36 @@ def client_layers(tree, spec: AggregatorSpec):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_examples, *, spec: AggregatorSpec):
+def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_examples, include=None, *,
+              spec: AggregatorSpec):
   """(mixed adapters, mixing matrix [C, C] to log, new heat state, similarity [C, C]) of one round's
-  aggregation; the similarity of the clients' adapters is FELLRec's s_ij (the identity for the others)."""
+  aggregation; the similarity of the clients' adapters is FELLRec's s_ij (the identity for the others).
+
+  include: [C] bool, the clients whose round counts (None: all). An excluded client (it failed to report,
+  or its round went non-finite) neither gives nor takes: its row and column of the mixing are the
+  identity's, it keeps `adapters`' row (which must be finite: its last good adapters) and its warm weight.
+  """
   C = train_loss.shape[0]
-  fedavg = fedavg_matrix(num_examples)
+  fedavg = fedavg_matrix(num_examples, include)
   kwargs = dict(alpha=spec.alpha, beta=spec.beta, temperature=spec.temperature)
+  losses = masked_losses(train_loss, include)
   s = identity_matrix(C)
+  old_warm = heat.warm_weight
   if spec.name == "fellrec":
     theta = flatten_clients(client_layers(adapters, spec) if spec.shared_server_adapters else adapters)
-    s = similarity(theta)
+    s = similarity(theta, include)
     if spec.sequential_update:
-      matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=True, **kwargs)
+      matrix = fellrec_matrix(theta, train_loss, round_index, include, skip_warm_when_beta_is_1=True, **kwargs)
       mixed = unflatten_clients(
-          fellrec_reference_sequential(flatten_clients(adapters), train_loss, round_index, **kwargs), adapters)
-      w = heating.warm_weights(train_loss, round_index, **kwargs)
+          fellrec_reference_sequential(flatten_clients(adapters), train_loss, round_index, include, **kwargs),
+          adapters)
+      w = heating.warm_weights(losses, round_index, **kwargs)
       heat = heating.HeatState(heat.round + 1, jnp.where(spec.beta == 1, 1.0, w))
     else:
-      matrix = fellrec_matrix(theta, train_loss, round_index, skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1,
-                              **kwargs)
+      matrix = fellrec_matrix(theta, train_loss, round_index, include,
+                              skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1, **kwargs)
       tx = heating.heated_server_step(skip_warm_when_beta_is_1=spec.skip_warm_when_beta_is_1, **kwargs)
-      updates, heat = tx.update(pseudo_gradients(adapters, s), heat, adapters, losses=train_loss, similarity=s)
+      updates, heat = tx.update(pseudo_gradients(adapters, s), heat, adapters, losses=losses, similarity=s)
       mixed = optax.apply_updates(adapters, updates)
   elif spec.name in ("fedavg", "fedprox"):
     matrix = fedavg
@@ -154,4 +185,13 @@ def aggregate(adapters, train_loss, heat: heating.HeatState, round_index, num_ex
     server = jnp.asarray(spec.server_layers)
     averaged = mix(adapters, fedavg)
     mixed = jax.tree.map(lambda m, a: jnp.where(server.reshape((1, -1) + (1,) * (m.ndim - 2)), a, m), mixed, averaged)
+  if include is not None:
+    mixed = keep_excluded(mixed, adapters, include)
+    heat = heat._replace(warm_weight=jnp.where(include, heat.warm_weight, old_warm))
   return mixed, matrix, heat, s
+
+
+def keep_excluded(new, old, include):
+  """`new` for the included clients, `old` (bit for bit) for the others ([C, ...] pytrees, include [C])."""
+  pick = lambda n, o: jnp.where(include.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(pick, new, old)

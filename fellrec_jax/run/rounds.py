@@ -4,8 +4,10 @@ client's best adapters, early stopping, and the round's metrics record (docs/met
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +17,17 @@ from fellrec_jax.data import batching
 from fellrec_jax.federated import aggregation
 from fellrec_jax.federated import heating
 from fellrec_jax.federated import optimizer as optimizer_lib
+from fellrec_jax.federated import participation
 from fellrec_jax.federated import sharding
 from fellrec_jax.federated import split_learning
 from fellrec_jax.federated import training
 from fellrec_jax.model import split as split_lib
 from fellrec_jax.run import distributed
+from fellrec_jax.run import round_records
 from fellrec_jax.run.setup import Run
 from fellrec_jax.run.state import ServerState, TrainState
+
+logger = logging.getLogger("fellrec_jax")
 
 
 def aggregator_spec(run: Run) -> aggregation.AggregatorSpec:
@@ -33,22 +39,30 @@ def aggregator_spec(run: Run) -> aggregation.AggregatorSpec:
       shared_server_adapters=fed.server_adapters == "shared")
 
 
-def aggregate(run: Run, adapters, train_loss, heat: heating.HeatState, round_index: int):
-  """(mixed adapters, mixing matrix [C, C] for the log, new heat state, the adapters' similarity [C, C])
-  for the configured aggregator."""
+def aggregate(run: Run, adapters, train_loss, heat: heating.HeatState, round_index: int, clients=None,
+              include=None):
+  """(mixed adapters, mixing matrix [m, m] for the log, new heat state, the adapters' similarity [m, m]) for
+  the configured aggregator, over the round's participants `clients` (None: all); `include` [m] bool: the
+  participants whose round counts (None: all of them)."""
+  num_examples = run.train_plan.num_examples if clients is None else run.train_plan.num_examples[clients]
   return aggregation.aggregate(adapters, train_loss, heat, jnp.int32(round_index),
-                               jnp.asarray(run.train_plan.num_examples, jnp.float32), spec=aggregator_spec(run))
+                               jnp.asarray(num_examples, jnp.float32), include, spec=aggregator_spec(run))
 
 
 # ----------------------------------------------------------------------------------------------------
 # One round
 
 
-def round_context(run: Run, state: TrainState, round_index: int) -> training.RoundContext:
+class ClientsFailed(RuntimeError):
+  """Every client has been retired by fed.max_bad_rounds: the run cannot go on."""
+
+
+def round_context(run: Run, state: TrainState, round_index: int, clients: np.ndarray) -> training.RoundContext:
+  """The round's warm-up and the participants' ([m]) learning-rate scales."""
   warmup = run.config.train.warmup_steps if round_index == 0 else 0
-  scale = jnp.ones(run.num_train_clients, jnp.float32)
+  scale = jnp.ones(len(clients), jnp.float32)
   if run.aggregator == "fellrec" and run.config.fellrec.heat_apply_to == "aggregation_and_local_lr":
-    scale = state.server.heat.warm_weight  # the warm weights of the last aggregation (1 before the first)
+    scale = state.server.heat.warm_weight[clients]  # the warm weights of their last aggregation (1 before)
   return training.RoundContext(jnp.int32(warmup), scale)
 
 
@@ -56,7 +70,28 @@ def train_clients(run: Run, clients, batches, anchors, ctx):
   """One local round; without anchors there is no proximal term (ditto's global models)."""
   lc = run.lc if anchors is not None else dataclasses.replace(run.lc, prox_mu=0.0)
   return training.local_round(run.base, clients, batches, run.data.prefix_ids, run.data.prefix_loss_mask,
-                               anchors, ctx, lc=lc, lanes=run.lanes)
+                               anchors, ctx, lc=lc, lanes=run.lanes, schedule=lane_schedule(run, batches))
+
+
+def lane_schedule(run: Run, batches) -> training.LaneSchedule | None:
+  """With partial participation and lanes, the participants' lane schedule padded to the most waves any
+  m participants can need, so that every round has the same shapes (one compilation); else None."""
+  m = batches.step_mask.shape[0]
+  per_round = run.config.fed.get("clients_per_round", 0)
+  if not 0 < per_round < run.num_train_clients or not 0 < run.lanes < m:
+    return None
+  schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
+  waves = max_waves(run.train_plan.client_steps, m, run.lanes)
+  pad = lambda x: np.concatenate([x, np.zeros((waves - x.shape[0], x.shape[1]), x.dtype)])
+  return training.LaneSchedule(*(pad(x) for x in schedule))
+
+
+def max_waves(client_steps, m: int, lanes: int) -> int:
+  """An upper bound on the waves of any m clients' lane schedule (list scheduling: the busiest lane's last
+  client starts by (total - its steps) / lanes, so the busiest lane ends by (T - p) // lanes + p <= that
+  with p the most steps of a client and T the sum of the m largest)."""
+  steps = np.sort(np.asarray(client_steps, np.int64))[::-1][:m]
+  return max(1, int((steps.sum() - steps[0]) // lanes + steps[0]))
 
 
 def eval_adapters(run: Run, adapters):
@@ -66,24 +101,30 @@ def eval_adapters(run: Run, adapters):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (run.num_clients, *x.shape[1:])), adapters)
 
 
-def validation_losses(run: Run, adapters, valid) -> np.ndarray:
-  """[C] token-mean validation NLL of each client's adapters (nan for a client without validation data).
+def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = None) -> np.ndarray:
+  """[n] token-mean validation NLL of the adapters of `clients` (None: all C; nan for a client without
+  validation data).
 
-  Clients are validated `clients_per_chunk` at a time (the last chunk padded with masked copies), so that
-  memory stays bounded with thousands of clients; in a multi-process run all at once, each process its own.
+  Clients are validated `clients_per_chunk` (else fed.clients_per_round) at a time, the last chunk padded with
+  masked copies, so that memory stays bounded with thousands of clients and every call has the same shapes;
+  in a multi-process run all at once, each process its own.
   """
   adapters = eval_adapters(run, adapters)
   C = run.num_clients
   chunk = run.config.fed.clients_per_chunk
-  if not 0 < chunk < C or jax.process_count() > 1:
+  if clients is None and (not 0 < chunk < C or jax.process_count() > 1):
     total, count = training.validation_nll(run.base, adapters, valid, run.data.prefix_ids,
                                            run.data.prefix_loss_mask, lc=run.lc)
     total, count = (np.asarray(x, np.float64) for x in sharding.to_host((total, count)))
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+  clients = np.arange(C) if clients is None else np.asarray(clients)
+  n = len(clients)
+  # One shape for every call (the last chunk padded): clients_per_chunk, else the participants of a round.
+  chunk = chunk if 0 < chunk < C else min(C, run.config.fed.get("clients_per_round", 0) or C)
   totals, counts = [], []
-  for start in range(0, C, chunk):
-    index = np.minimum(np.arange(start, start + chunk), C - 1)
-    real = np.arange(start, start + chunk) < C
+  for start in range(0, n, chunk):
+    index = clients[np.minimum(np.arange(start, start + chunk), n - 1)]
+    real = np.arange(start, start + chunk) < n
     part = jax.tree.map(lambda x: x[index], valid)
     part = part._replace(step_mask=part.step_mask & real[:, None])
     total, count = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
@@ -94,34 +135,157 @@ def validation_losses(run: Run, adapters, valid) -> np.ndarray:
   return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def round_roster(run: Run, state: TrainState, round_index: int) -> participation.Roster:
+  """The round's participants: fed.clients_per_round of the clients not retired, and their failures."""
+  fed = run.config.fed
+  check_clients_left(state, run.config)
+  eligible = ~np.asarray(state.server.retired)
+  return participation.roster(run.config.seed, round_index, eligible, fed.get("clients_per_round", 0),
+                              fed.get("dropout_prob", 0.0))
+
+
+def participants_state(states, roster: participation.Roster):
+  """(the participants' client states to train, which the round consumes; a copy of them before it)."""
+  if states is None:
+    return None, None
+  if roster.everyone:
+    return states, jax.tree.map(jnp.copy, states)
+  index = jnp.asarray(roster.participants)
+  return participation.gather(states, index), participation.gather(states, index)
+
+
+def settle(trained: training.ClientStates, before: training.ClientStates, adapters, include: np.ndarray):
+  """The participants' states after the round: the new adapters (and optimizer state) where included, the
+  ones before it, bit for bit, where not; the PRNG keys move on either way."""
+  mask = jnp.asarray(include)
+  keep = lambda new, old: None if new is None else aggregation.keep_excluded(new, old, mask)
+  return training.ClientStates(keep(adapters, before.adapters), keep(trained.opt_state, before.opt_state),
+                               trained.rng)
+
+
+def put_back(states, roster: participation.Roster, rows):
+  """The participants' rows written back into every client's state."""
+  if states is None or roster.everyone:
+    return rows
+  return _scatter_jit(states, jnp.asarray(roster.participants), rows)
+
+
+_scatter_jit = jax.jit(participation.scatter, donate_argnums=(0,))
+
+
+def local_and_aggregate(run: Run, state: TrainState, round_index: int, roster, batches, ctx):
+  """The participants' local training and the server's aggregation: (clients, global clients, metrics,
+  participation.Outcome, mixing matrix, heat state, similarity)."""
+  part, server = roster.participants, state.server
+  sub, before = participants_state(state.clients, roster)
+  similarity = None
+  heat = server.heat if roster.everyone else heating.HeatState(server.heat.round, server.heat.warm_weight[part])
+  if run.aggregator == "ditto":
+    gsub, gbefore = participants_state(state.global_clients, roster)
+    gtrained, gmetrics = train_clients(run, gsub, batches, None, ctx)
+    trained, metrics = train_clients(run, sub, batches, gbefore.adapters, ctx)  # w^t anchors the personal models
+    outcome = participation.outcome(roster, participation.finite_clients(trained.adapters, metrics.train_loss)
+                            & participation.finite_clients(gtrained.adapters, gmetrics.train_loss))
+    include = jnp.asarray(outcome.include)
+    matrix = aggregation.fedavg_matrix(run.train_plan.num_examples[part], include)
+    safe = aggregation.keep_excluded(gtrained.adapters, gbefore.adapters, include)
+    glob = settle(gtrained, gbefore, aggregation.mix(safe, matrix), outcome.include)
+    global_clients = put_back(state.global_clients, roster, glob)
+    adapters = trained.adapters
+  else:
+    anchors = before.adapters if run.aggregator == "fedprox" else None
+    trained, metrics = train_clients(run, sub, batches, anchors, ctx)
+    outcome = participation.outcome(roster, participation.finite_clients(trained.adapters, metrics.train_loss))
+    include = jnp.asarray(outcome.include)  # always an array: one compilation, whoever is left out
+    safe = aggregation.keep_excluded(trained.adapters, before.adapters, include)
+    adapters, matrix, heat, similarity = aggregate(run, safe, metrics.train_loss, heat, round_index, part, include)
+    global_clients = state.global_clients
+  clients = put_back(state.clients, roster, settle(trained, before, adapters, outcome.include))
+  if not roster.everyone:
+    heat = heating.HeatState(heat.round, server.heat.warm_weight.at[jnp.asarray(part)].set(heat.warm_weight))
+  return clients, global_clients, metrics, outcome, matrix, heat, similarity
+
+
 def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[TrainState, dict]:
   start = time.perf_counter()
-  batches = client_data(run, lambda clients: batching.round_batches(run.train_plan, round_index, clients))
-  ctx = round_context(run, state, round_index)
-  server = state.server
-  global_clients = state.global_clients
-  similarity = None
-  if run.aggregator == "ditto":
-    received = jax.tree.map(jnp.copy, global_clients.adapters)  # w^t, the anchor of the personal models
-    global_clients, _ = train_clients(run, global_clients, batches, None, ctx)
-    mixed_global = aggregation.mix(global_clients.adapters, aggregation.fedavg_matrix(run.train_plan.num_examples))
-    global_clients = global_clients._replace(adapters=mixed_global)
-    clients, metrics = train_clients(run, state.clients, batches, received, ctx)
-    matrix, heat = aggregation.fedavg_matrix(run.train_plan.num_examples), server.heat
-    adapters = clients.adapters
-  else:
-    anchors = jax.tree.map(jnp.copy, state.clients.adapters) if run.aggregator == "fedprox" else None
-    clients, metrics = train_clients(run, state.clients, batches, anchors, ctx)
-    adapters, matrix, heat, similarity = aggregate(run, clients.adapters, metrics.train_loss, server.heat,
-                                                   round_index)
-  clients = clients._replace(adapters=adapters)
-  val = validation_losses(run, adapters, valid)
+  roster = round_roster(run, state, round_index)
+  part = roster.participants
+  batches = client_data(run, lambda slots: batching.round_batches(run.train_plan, round_index, part[slots]),
+                        len(part))
+  ctx = round_context(run, state, round_index, part)
+  clients, global_clients, metrics, outcome, matrix, heat, similarity = local_and_aggregate(
+      run, state, round_index, roster, batches, ctx)
+  changed = changed_clients(run, outcome)
+  val = updated_validation(run, state, clients.adapters, valid, changed)
   weighted = weighted_val_loss(run, val)
+  server = faults(run, state.server, outcome, round_index)
   state, improved = update_best(run, TrainState(clients, global_clients, state.best_adapters, server), val,
-                                weighted, round_index, heat)
-  record = round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, ctx.lr_scale, batches,
-                        adapters, time.perf_counter() - start, similarity if run.aggregator == "fellrec" else None)
+                                weighted, round_index, heat, changed)
+  record = round_records.round_record(
+      run, round_index, metrics, val, weighted, improved, matrix, state.server, ctx.lr_scale, batches,
+      clients.adapters, time.perf_counter() - start, outcome, similarity if run.aggregator == "fellrec" else None)
   return state, record
+
+
+def changed_clients(run: Run, outcome: participation.Outcome) -> np.ndarray:
+  """[C] bool: the clients whose adapters the round changed (centralized: its one model is every client's)."""
+  if run.num_train_clients != run.num_clients:
+    return np.full(run.num_clients, bool(outcome.include.any()))
+  changed = np.zeros(run.num_clients, bool)
+  changed[outcome.roster.participants[outcome.include]] = True
+  return changed
+
+
+def updated_validation(run: Run, state: TrainState, adapters, valid, changed: np.ndarray) -> np.ndarray:
+  """[C] validation losses after the round: recomputed for the clients whose adapters changed (and those
+  never validated), the latest ones for the others (their adapters are bit for bit the same)."""
+  val = np.asarray(state.server.last_val, np.float64).copy()
+  stale = np.isinf(val) | changed
+  if stale.all():
+    return validation_losses(run, adapters, valid)
+  if stale.any():
+    val[stale] = validation_losses(run, adapters, valid, np.flatnonzero(stale))
+  return val
+
+
+def faults(run: Run, server: ServerState, outcome: participation.Outcome, round_index: int) -> ServerState:
+  """Count each participant's consecutive non-finite rounds (a client that failed to report is not
+  counted: the server never saw its round), log the round's faults, and retire a client after
+  fed.max_bad_rounds of them."""
+  part, roster = outcome.roster.participants, outcome.roster
+  bad = ~outcome.finite & ~roster.dropped
+  counts = np.asarray(server.bad_rounds).copy()
+  counts[part] = np.where(bad, counts[part] + 1, 0)
+  limit = run.config.fed.get("max_bad_rounds", 0)
+  retired = np.asarray(server.retired).copy()
+  newly = np.zeros_like(retired)
+  if limit > 0:
+    newly = (counts >= limit) & ~retired
+    retired |= newly
+  if roster.dropped.any():
+    logger.warning("round %d: %d of %d participants failed to report (fed.dropout_prob): clients %s",
+                   round_index, int(roster.dropped.sum()), len(part), id_list(part[roster.dropped]))
+  if bad.any():
+    logger.warning("round %d: non-finite loss or adapters, left out of the aggregation with their last good "
+                   "adapters: clients %s", round_index, id_list(part[bad]))
+  if newly.any():
+    logger.warning("round %d: clients %s retired after %d consecutive non-finite rounds (fed.max_bad_rounds)",
+                   round_index, id_list(np.flatnonzero(newly)), limit)
+  return server._replace(bad_rounds=jnp.asarray(counts, jnp.int32), retired=jnp.asarray(retired))
+
+
+def id_list(ids, shown: int = 20) -> str:
+  """Client ids for a log line: all of them up to `shown`, else the first ones and the count."""
+  ids = [int(i) for i in ids]
+  return str(ids) if len(ids) <= shown else f"{ids[:shown]} and {len(ids) - shown} more"
+
+
+def check_clients_left(state: TrainState, config) -> None:
+  """Stop the run with a clear message once fed.max_bad_rounds has retired every client."""
+  if bool(np.all(np.asarray(state.server.retired))):
+    raise ClientsFailed(f"every client was retired after fed.max_bad_rounds={config.fed.max_bad_rounds} "
+                        "consecutive rounds of non-finite training: lower train.learning_rate, or raise "
+                        "fed.max_bad_rounds")
 
 
 def client_data(run: Run, build, num_clients: int | None = None) -> training.ClientBatches:
@@ -138,85 +302,25 @@ def weighted_val_loss(run: Run, val: np.ndarray) -> float:
   return float(np.sum(np.where(has_val, val, 0) * n_val) / max(n_val[has_val].sum(), 1))
 
 
-def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, round_index: int, heat):
-  """Keep each client's best adapters (by its own validation loss) and track early stopping."""
+def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, round_index: int, heat,
+                changed: np.ndarray):
+  """Keep each client's best adapters (by its own validation loss) and track early stopping; `changed` [C]:
+  the clients whose adapters this round changed."""
   server = state.server
   best_val = np.asarray(server.best_val)
   has_val = ~np.isnan(val)
-  improved = np.where(has_val, val < best_val, True)  # a client without validation data keeps its latest
+  improved = np.where(has_val, val < best_val, changed)  # a client without validation data keeps its latest
   adapters = eval_adapters(run, state.clients.adapters)
   pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
   best_adapters = jax.tree.map(pick, adapters, state.best_adapters)
   better = weighted < float(server.best_weighted)
   stale = 0 if better else int(server.stale_rounds) + 1
   stopped = stale >= run.config.fed.patience and round_index > run.config.fed.min_rounds
-  server = ServerState(
+  server = server._replace(
       rounds_done=jnp.int32(round_index + 1), heat=heat,
       best_val=jnp.asarray(np.where(improved & has_val, val, best_val), jnp.float32),
       best_round=jnp.asarray(np.where(improved, round_index, np.asarray(server.best_round)), jnp.int32),
       best_weighted=jnp.float32(min(weighted, float(server.best_weighted))), stale_rounds=jnp.int32(stale),
-      stopped=jnp.bool_(stopped))
+      stopped=jnp.bool_(stopped), last_val=jnp.asarray(val, jnp.float32))
   server = sharding.replicate(server, run.mesh)  # a global value on every device (as Orbax saves it)
   return state._replace(best_adapters=best_adapters, server=server), improved
-
-
-def mean_learning_rates(run: Run, round_index: int, lr_scale) -> np.ndarray:
-  """[C] mean learning rate over each client's real steps this round."""
-  steps = run.train_plan.client_steps
-  warmup = run.config.train.warmup_steps if round_index == 0 else 0
-  opt = run.lc.optimizer
-  means = [float(np.mean(optimizer_lib.learning_rate(opt, np.arange(n), n, warmup))) if n else 0.0 for n in steps]
-  return np.asarray(means) * np.asarray(lr_scale)
-
-
-def comm_bytes(run: Run, batches: training.ClientBatches, metrics, adapters) -> dict:
-  """Bytes crossing the client/server boundary (activations + gradients) and the adapter exchange."""
-  R, T = batches.tokens.shape[2:]
-  per_micro = split_learning.boundary_bytes(R // run.lc.accum_steps, T, len(run.data.prefix_ids), run.lc.split)
-  models = 2 if run.aggregator == "ditto" else 1
-  split = int(np.sum(np.asarray(metrics.num_steps))) * run.lc.accum_steps * per_micro * models
-  exchanged = 0
-  if run.aggregator not in ("local", "centralized"):
-    # Each client uploads the adapters of its own layers and downloads the mixed ones.
-    client_layers = split_lib.num_client_layers(run.model_cfg, run.config.fed.split_k)
-    per_layer = sum(math.prod(x.shape[2:]) * x.dtype.itemsize for x in jax.tree.leaves(adapters))
-    exchanged = 2 * per_layer * client_layers * run.num_train_clients
-  return {"split_activations_and_gradients": split, "adapter_upload_and_download": exchanged,
-          "total": split + exchanged}
-
-
-def round_record(run, round_index, metrics, val, weighted, improved, matrix, heat, lr_scale, batches, adapters,
-                 seconds, similarity=None) -> dict:
-  metrics, matrix, heat, similarity = sharding.to_host((metrics, matrix, heat, similarity))
-  loss = np.asarray(metrics.train_loss, np.float64)
-  steps = np.asarray(metrics.num_steps)
-  warm = np.asarray(heat.warm_weight) if run.aggregator == "fellrec" else np.ones(run.num_train_clients)
-  lr = mean_learning_rates(run, round_index, lr_scale)
-  n_train, n_valid = run.train_plan.num_examples, run.data.num_valid_examples
-  clients = []
-  for c in range(run.num_clients):
-    t = c if run.num_train_clients == run.num_clients else 0
-    clients.append({
-        "client": c, "train_loss": float(loss[t]), "val_loss": json_float(val[c]), "lr": float(lr[t]),
-        "warm_weight": float(warm[t]), "num_steps": int(steps[t]), "train_examples": int(n_train[t]),
-        "valid_examples": int(n_valid[c]), "improved": bool(improved[c])})
-  comm = comm_bytes(run, batches, metrics, adapters)
-  return {"round": round_index, "clients": clients, "aggregation": np.asarray(matrix).round(6).tolist(),
-          "val_loss_weighted": weighted, "comm_bytes": comm["total"], "comm_detail": comm,
-          "label_tokens": int(np.sum(np.asarray(metrics.label_tokens))), "seconds": round(seconds, 3),
-          "similarity_offdiag_mean": offdiag_mean(similarity)}
-
-
-def offdiag_mean(matrix) -> float | None:
-  """The mean of a [C, C] matrix's off-diagonal entries (FELLRec's similarity; None without one)."""
-  if matrix is None or len(matrix) < 2:
-    return None
-  matrix = np.asarray(matrix, np.float64)
-  return float((matrix.sum() - np.trace(matrix)) / (matrix.size - len(matrix)))
-
-
-def json_float(x):
-  """x for JSON: None for a missing or non-finite value."""
-  return None if x is None or not math.isfinite(float(x)) else float(x)
-
-

@@ -15,6 +15,7 @@ import numpy as np
 from fellrec_jax.data import batching
 from fellrec_jax.data import pipeline
 from fellrec_jax.federated import optimizer as optimizer_lib
+from fellrec_jax.federated import participation
 from fellrec_jax.federated import sharding
 from fellrec_jax.federated import split_learning
 from fellrec_jax.federated import training
@@ -93,6 +94,7 @@ def validate_config(config) -> None:
   if init and not Path(init).is_dir():
     raise ValueError(f"model.init_adapters={init!r}: no such directory (a PEFT adapter directory, or one holding "
                      "client_<c>/ directories)")
+  participation.check_config(config)
   tracking.check(config)
 
 

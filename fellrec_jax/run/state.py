@@ -35,6 +35,9 @@ class ServerState(NamedTuple):
   best_weighted: jax.Array  # best weighted validation loss (early stopping)
   stale_rounds: jax.Array  # int32: rounds since the weighted loss last improved
   stopped: jax.Array  # bool: early stopping fired
+  last_val: jax.Array  # [C] the latest validation loss of each client's adapters (inf: not validated yet)
+  bad_rounds: jax.Array  # [C_train] int32: consecutive rounds in which the client's training went non-finite
+  retired: jax.Array  # [C_train] bool: stopped after fed.max_bad_rounds such rounds (trains no more)
 
 
 class TrainState(NamedTuple):
@@ -56,7 +59,9 @@ def init_state(run: Run) -> TrainState:
   server = ServerState(
       rounds_done=jnp.int32(0), heat=heating.HeatState(jnp.int32(0), jnp.ones(C, jnp.float32)),
       best_val=jnp.full(C, jnp.inf, jnp.float32), best_round=jnp.full(C, -1, jnp.int32),
-      best_weighted=jnp.float32(jnp.inf), stale_rounds=jnp.int32(0), stopped=jnp.bool_(False))
+      best_weighted=jnp.float32(jnp.inf), stale_rounds=jnp.int32(0), stopped=jnp.bool_(False),
+      last_val=jnp.full(C, jnp.inf, jnp.float32), bad_rounds=jnp.zeros(run.num_train_clients, jnp.int32),
+      retired=jnp.zeros(run.num_train_clients, bool))
   state = TrainState(clients, global_clients, stack(C), server)
   return place(run, state)
 

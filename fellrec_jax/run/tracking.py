@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fellrec_jax.run import distributed
+from fellrec_jax.run import round_records
 
 logger = logging.getLogger("fellrec_jax")
 
@@ -61,14 +62,18 @@ def check(config) -> None:
 # What is logged
 
 
-def round_scalars(record: dict, client_scalars: int = 64) -> dict[str, float]:
-  """A metrics.jsonl round record as {tag: value}: weighted losses, per-client fields, comm, time."""
-  clients = record["clients"]
-  train = np.array([c["train_loss"] for c in clients], np.float64)
+def round_scalars(record: dict, client_scalars: int = 64, arrays: dict | None = None) -> dict[str, float]:
+  """A metrics.jsonl round record as {tag: value}: weighted losses, per-client fields, comm, time. The
+  training losses are over the clients that trained this round; a summarised record (no "clients") takes
+  the per-client fields from its `arrays`."""
+  clients = record["clients"] if "clients" in record else round_records.client_rows(arrays)
+  train = np.array([np.nan if c["train_loss"] is None else c["train_loss"] for c in clients], np.float64)
   examples = np.array([c.get("train_examples", 1) for c in clients], np.float64)
+  trained = np.isfinite(train)
+  weights = examples[trained]
   out = {"loss/val_weighted": record["val_loss_weighted"],
-         "loss/train_mean": float(train.mean()),
-         "loss/train_weighted": float(train @ examples / examples.sum()) if examples.sum() else float(train.mean())}
+         "loss/train_mean": float(train[trained].mean()) if trained.any() else None,
+         "loss/train_weighted": float(train[trained] @ weights / weights.sum()) if weights.sum() else None}
   fields = ("train_loss", "val_loss", "lr", "warm_weight")
   if len(clients) <= client_scalars:
     out.update({f"{field}/client_{c['client']}": c[field] for c in clients for field in fields})
@@ -103,10 +108,17 @@ def tensorboard_tag(tag: str) -> str:
   return re.sub(r"[^\w./-]", "_", tag)
 
 
-def matrix_image(matrix, min_pixels: int = 256) -> np.ndarray:
-  """uint8 [H, W, 3] of a [C, C] matrix with entries in [0, 1] (viridis; each entry a square of pixels)."""
+def matrix_image(matrix, min_pixels: int = 256, max_pixels: int = 1024) -> np.ndarray:
+  """uint8 [H, W, 3] of a [C, C] matrix with entries in [0, 1] (viridis; each entry a square of pixels; a
+  matrix larger than max_pixels is shown by the means of square blocks of entries)."""
   from matplotlib import colormaps
   matrix = np.clip(np.nan_to_num(np.asarray(matrix, np.float64)), 0.0, 1.0)
+  if matrix.shape[0] > max_pixels:
+    block = -(-matrix.shape[0] // max_pixels)
+    size = -(-matrix.shape[0] // block) * block
+    padded = np.full((size, size), np.nan)
+    padded[:matrix.shape[0], :matrix.shape[1]] = matrix
+    matrix = np.nanmean(padded.reshape(size // block, block, size // block, block), axis=(1, 3))
   scale = max(1, min_pixels // max(1, matrix.shape[0]))
   rgb = (colormaps["viridis"](matrix)[..., :3] * 255).round().astype(np.uint8)
   return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
@@ -173,11 +185,12 @@ def _trackers(run, first_round: int) -> Trackers | None:
   return _TRACKERS[key]
 
 
-def log_round(run, record: dict) -> None:
-  """A round's record (metrics.jsonl's line) to the enabled trackers."""
+def log_round(run, record: dict, arrays: dict | None = None) -> None:
+  """A round's record (metrics.jsonl's line, and the full arrays of a summarised one) to the enabled trackers."""
   trackers = _trackers(run, record["round"])
   if trackers is not None:
-    trackers.log(round_scalars(record, trackers.client_scalars), record["round"], record.get("aggregation"))
+    matrix = record.get("aggregation", None if arrays is None else arrays["aggregation"])
+    trackers.log(round_scalars(record, trackers.client_scalars, arrays), record["round"], matrix)
 
 
 def finish(run, summary: dict) -> None:

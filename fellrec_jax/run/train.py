@@ -27,7 +27,8 @@ from fellrec_jax.run import rounds
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import state as state_lib
 from fellrec_jax.run import tracking
-from fellrec_jax.run.rounds import json_float
+from fellrec_jax.run import round_records
+from fellrec_jax.run.round_records import json_float
 from fellrec_jax.run.setup import Run
 from fellrec_jax.run.state import TrainState
 
@@ -71,6 +72,7 @@ def train(config, workdir) -> dict:
       if config.eval.every and (r + 1) % config.eval.every == 0:
         record["eval"] = evaluation.evaluate(run, state.best_adapters, write=False)
       log_round(run, record, progress)
+      rounds.check_clients_left(state, config)
       stop = distributed.any_process(notice.requested)
       if stop or bool(state.server.stopped) or r == last - 1 or (r + 1) % config.checkpoint_every == 0:
         checkpoint.save(mngr, r + 1, state_lib.checkpointable(state), {"config": fingerprint, "rounds_done": r + 1})
@@ -119,18 +121,39 @@ def preemption_notice():
 
 
 def log_round(run: Run, record: dict, progress) -> None:
-  """The round's line in metrics.jsonl (process 0), its progress bar and log line."""
+  """The round's line in metrics.jsonl (process 0; a large round's full arrays in rounds/round_<r>.npz), its
+  progress bar and log line."""
+  arrays = record.pop(round_records.ARRAYS, None)
   if distributed.is_main():
+    if arrays is not None:
+      save_round_arrays(run.workdir / "rounds" / f"round_{record['round']:05d}.npz", arrays)
     with open(run.workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
-  tracking.log_round(run, record)  # TensorBoard / W&B when enabled (log.*), process 0
-  progress.set_postfix(train=f"{np.mean([c['train_loss'] for c in record['clients']]):.3f}",
-                       val=f"{record['val_loss_weighted']:.3f}")
-  losses = [c["train_loss"] for c in record["clients"]]
+  tracking.log_round(run, record, arrays)  # TensorBoard / W&B when enabled (log.*), process 0
+  losses = train_losses(record, arrays)
+  mean = f"{np.mean(losses):.3f}" if len(losses) else "-"
+  progress.set_postfix(train=mean, val=f"{record['val_loss_weighted']:.3f}")
   shown = [round(x, 3) for x in losses] if len(losses) <= 10 else (
-      f"{len(losses)} clients: min {min(losses):.3f}, mean {np.mean(losses):.3f}, max {max(losses):.3f}")
+      f"{len(losses)} clients: min {min(losses):.3f}, mean {mean}, max {max(losses):.3f}")
   logger.info("round %d: weighted val loss %.4f, train losses %s, %.1f s", record["round"],
               record["val_loss_weighted"], shown, record["seconds"])
+
+
+def train_losses(record: dict, arrays: dict | None) -> list[float]:
+  """The finite training losses of the clients that trained this round."""
+  if "clients" in record:
+    return [c["train_loss"] for c in record["clients"] if c["train_loss"] is not None]
+  losses = np.asarray(arrays["train_loss"], np.float64)
+  return losses[np.isfinite(losses)].tolist()
+
+
+def save_round_arrays(path, arrays: dict) -> None:
+  """A round's full per-client arrays and mixing matrix (temp file + rename)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  tmp.replace(path)
 
 
 def summarize(run: Run, state: TrainState) -> dict:

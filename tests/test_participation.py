@@ -1,0 +1,284 @@
+"""Who takes part in a round: sampled participants, clients that fail to report, non-finite clients and
+their retirement, the summarised metrics of many clients, and resuming such a run (docs/method.md §4.4)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from fellrec_jax.federated import aggregation
+from fellrec_jax.federated import heating
+from fellrec_jax.federated import participation
+from fellrec_jax.run import checkpoint
+from fellrec_jax.run import round_records
+from fellrec_jax.run import rounds
+from fellrec_jax.run import setup as setup_lib
+from fellrec_jax.run import state as state_lib
+from fellrec_jax.run import train
+
+NUM_CLIENTS, PER_ROUND = 4, 2
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  """One set-up run (data, base model) shared by the tests; each varies only the participation fields."""
+  config = default.get_config("smoke")
+  config.eval.at_end = False
+  config.fed.num_clients = NUM_CLIENTS
+  config.fed.rounds = 3
+  config.fed.clients_per_round = PER_ROUND
+  config.fed.clients_per_chunk = 0
+  return setup_lib.setup(config, tmp_path_factory.mktemp("participation"))
+
+
+def variant(run, **fed):
+  config = run.config.copy_and_resolve_references()
+  for key, value in fed.items():
+    node, leaf = (config.log, key[4:]) if key.startswith("log_") else (config.fed, key)
+    node[leaf] = value
+  return dataclasses.replace(run, config=config)
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def rows(tree, index):
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def valid_batches(run):
+  return rounds.client_data(run, run.data.valid_batches, run.num_clients)
+
+
+def one_round(run, round_index=0, state=None):
+  """(adapters before, state after, record) of one round from a fresh state (or `state`)."""
+  state = state_lib.init_state(run) if state is None else state
+  before = host(state.clients.adapters)
+  state, record = rounds.run_round(run, state, round_index, valid_batches(run))
+  return before, state, record
+
+
+def sampled(run, round_index):
+  return participation.sample_participants(run.config.seed, round_index, np.ones(NUM_CLIENTS, bool), PER_ROUND)
+
+
+def poison(monkeypatch, client: int):
+  """Client `client`'s local round ends with NaN adapters and loss (whenever it takes part)."""
+  real_train, real_roster = rounds.train_clients, rounds.round_roster
+  current = {}
+
+  def round_roster(run, state, round_index):
+    current["roster"] = real_roster(run, state, round_index)
+    return current["roster"]
+
+  def train_clients(run, clients, batches, anchors, ctx):
+    trained, metrics = real_train(run, clients, batches, anchors, ctx)
+    where = np.flatnonzero(current["roster"].participants == client)
+    if len(where):
+      nan = lambda x: x.at[int(where[0])].set(jnp.nan)
+      trained = trained._replace(adapters=jax.tree.map(nan, trained.adapters))
+      metrics = metrics._replace(train_loss=nan(metrics.train_loss))
+    return trained, metrics
+
+  monkeypatch.setattr(rounds, "round_roster", round_roster)
+  monkeypatch.setattr(rounds, "train_clients", train_clients)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling (host-side)
+
+
+def test_participants_are_seeded_without_replacement_and_skip_retired_clients():
+  eligible = np.ones(10, bool)
+  first = participation.sample_participants(0, 3, eligible, 4)
+  assert len(set(first.tolist())) == 4 and np.all(np.diff(first) > 0)
+  np.testing.assert_array_equal(first, participation.sample_participants(0, 3, eligible, 4))
+  draws = {tuple(participation.sample_participants(0, r, eligible, 4)) for r in range(20)}
+  assert len(draws) > 10  # a new draw every round
+  eligible[first] = False
+  assert not set(participation.sample_participants(0, 3, eligible, 4)) & set(first.tolist())
+  np.testing.assert_array_equal(participation.sample_participants(0, 3, eligible, 0), np.flatnonzero(eligible))
+
+
+def test_a_clients_failure_does_not_depend_on_who_else_takes_part():
+  every = participation.sample_dropped(7, 2, np.arange(50), 50, 0.3)
+  some = np.asarray([3, 17, 40])
+  np.testing.assert_array_equal(participation.sample_dropped(7, 2, some, 50, 0.3), every[some])
+  assert 5 < every.sum() < 25  # about 15 of 50
+  assert not participation.sample_dropped(7, 2, some, 50, 0.0).any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The aggregation restricted to the clients that count
+
+
+def test_excluded_client_neither_gives_nor_takes_and_the_rest_mix_as_without_it():
+  """FELLRec's and FedAvg's mixing with client 2 excluded equals the mixing of the other clients alone
+  (an independent computation on the [C-1] subset); client 2 keeps its adapters bit for bit."""
+  C, keep = 5, np.asarray([0, 1, 3, 4])
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  adapters = {"a": jax.random.normal(k1, (C, 2, 3, 4)), "b": jax.random.normal(k2, (C, 2, 4))}
+  losses = jnp.asarray([0.9, 1.4, 7.0, 1.1, 0.8])
+  examples = jnp.asarray([10.0, 20.0, 5.0, 7.0, 3.0])
+  include = jnp.asarray(np.isin(np.arange(C), keep))
+  for name in ("fellrec", "fedavg"):
+    spec = aggregation.AggregatorSpec(name=name, server_layers=(False, False))
+    heat = heating.HeatState(jnp.int32(1), jnp.full(C, 0.5))
+    mixed, matrix, new_heat, _ = aggregation.aggregate(adapters, losses, heat, jnp.int32(1), examples, include,
+                                                       spec=spec)
+    sub = rows(adapters, keep)
+    sub_heat = heating.HeatState(jnp.int32(1), jnp.full(len(keep), 0.5))
+    alone, alone_matrix, alone_heat, _ = aggregation.aggregate(sub, losses[keep], sub_heat, jnp.int32(1),
+                                                               examples[keep], spec=spec)
+    for x, y in zip(jax.tree.leaves(rows(mixed, keep)), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # float32 sums in another order
+    np.testing.assert_allclose(np.asarray(matrix)[np.ix_(keep, keep)], alone_matrix, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(matrix)[2], np.eye(C)[2])
+    np.testing.assert_array_equal(np.asarray(matrix)[keep, 2], 0.0)
+    assert_same(rows(mixed, 2), rows(adapters, 2))
+    assert float(new_heat.warm_weight[2]) == 0.5
+    np.testing.assert_allclose(np.asarray(new_heat.warm_weight)[keep], alone_heat.warm_weight, rtol=1e-6)
+
+
+def test_an_excluded_clients_nan_adapters_reach_nobody():
+  C = 3
+  adapters = {"a": jnp.ones((C, 1, 4)).at[1].set(jnp.nan)}
+  include = jnp.asarray([True, False, True])
+  safe = aggregation.keep_excluded(adapters, {"a": jnp.zeros((C, 1, 4))}, include)
+  spec = aggregation.AggregatorSpec(name="fellrec", server_layers=(False,))
+  mixed, matrix, _, _ = aggregation.aggregate(safe, jnp.asarray([1.0, jnp.nan, 1.0]),
+                                              heating.HeatState(jnp.int32(0), jnp.ones(C)), jnp.int32(0),
+                                              jnp.ones(C), include, spec=spec)
+  assert np.isfinite(np.asarray(mixed["a"])).all() and np.isfinite(np.asarray(matrix)).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rounds
+
+
+def test_partial_participation_trains_exactly_the_sampled_clients_reproducibly(base_run):
+  run = base_run
+  chosen = sampled(run, 0)
+  before, state, record = one_round(run)
+  after = host(state.clients.adapters)
+  absent = np.setdiff1d(np.arange(NUM_CLIENTS), chosen)
+  assert_same(rows(after, absent), rows(before, absent))  # bit for bit
+  for c in chosen:
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(rows(after, c)),
+                                                           jax.tree.leaves(rows(before, c))))
+  assert record["participants"] == chosen.tolist()
+  assert np.asarray(record["aggregation"]).shape == (PER_ROUND, PER_ROUND)
+  assert [c["status"] for c in record["clients"]] == ["trained" if c in chosen else "absent"
+                                                      for c in range(NUM_CLIENTS)]
+  assert all((c["train_loss"] is None) == (c["client"] not in chosen) for c in record["clients"])
+  _, again, record_again = one_round(run)
+  assert_same(host(again.clients.adapters), after)  # the same seed: the same clients, the same numbers
+  record.pop("seconds"), record_again.pop("seconds")
+  assert record == record_again
+
+
+def test_dropped_clients_are_those_the_seed_says(base_run):
+  run = variant(base_run, dropout_prob=0.5)
+  seed = run.config.seed
+  draws = {r: participation.sample_dropped(seed, r, sampled(run, r), NUM_CLIENTS, 0.5) for r in range(20)}
+  r = next(r for r, d in draws.items() if d.sum() == 1)  # a round where one of the two fails
+  expected = sampled(run, r)[draws[r]]
+  before, state, record = one_round(run, r)
+  assert record["dropped"] == expected.tolist() and record["participants"] == sampled(run, r).tolist()
+  assert [c["status"] for c in record["clients"]].count("dropped") == 1
+  assert record["clients"][int(expected[0])]["status"] == "dropped"
+  assert_same(rows(host(state.clients.adapters), expected), rows(before, expected))
+  np.testing.assert_array_equal(record["aggregation"], np.eye(PER_ROUND))  # the other has no one to mix with
+
+
+def test_a_nan_client_is_quarantined_as_if_it_had_sat_out(base_run, monkeypatch):
+  run = base_run
+  bad = int(sampled(run, 0)[1])
+  _, sat_out, sat_record = _with_failure(run, monkeypatch, bad)
+  before, state, record = _with_nan(run, monkeypatch, bad)
+  assert record["non_finite"] == [bad] and record["clients"][bad]["status"] == "non_finite"
+  assert record["clients"][bad]["train_loss"] is None and sat_record["dropped"] == [bad]
+  after, reference = host(state.clients.adapters), host(sat_out.clients.adapters)
+  assert_same(after, reference)  # the others bit for bit as when it sat out; it keeps its adapters
+  assert_same(rows(after, bad), rows(before, bad))
+  assert int(state.server.bad_rounds[bad]) == 1 and not bool(state.server.retired[bad])
+  assert np.isfinite(record["val_loss_weighted"])
+
+
+def _with_failure(run, monkeypatch, client):
+  with monkeypatch.context() as m:
+    m.setattr(participation, "sample_dropped", lambda seed, r, part, n, prob: part == client)
+    return one_round(run)
+
+
+def _with_nan(run, monkeypatch, client):
+  with monkeypatch.context() as m:
+    poison(m, client)
+    return one_round(run)
+
+
+def test_max_bad_rounds_retires_a_failing_client_then_stops_the_run(base_run, monkeypatch, caplog):
+  run = variant(base_run, max_bad_rounds=2)
+  both = np.intersect1d(sampled(run, 0), sampled(run, 1))
+  assert len(both), "the seed samples no client in both of the first two rounds"
+  bad = int(both[0])
+  poison(monkeypatch, bad)
+  state = state_lib.init_state(run)
+  valid = valid_batches(run)
+  for r in range(3):
+    state, record = rounds.run_round(run, state, r, valid)
+  assert np.flatnonzero(np.asarray(state.server.retired)).tolist() == [bad]
+  assert record["clients"][bad]["status"] == "retired" and bad not in record["participants"]
+  assert "retired after 2 consecutive non-finite rounds" in caplog.text
+  state = state._replace(server=state.server._replace(retired=jnp.ones(NUM_CLIENTS, bool)))
+  with pytest.raises(rounds.ClientsFailed, match="fed.max_bad_rounds=2"):
+    rounds.run_round(run, state, 3, valid)
+
+
+def test_many_clients_are_summarised_in_metrics_and_kept_in_an_array_file(base_run, tmp_path):
+  run = dataclasses.replace(variant(base_run, log_metrics_clients=1), workdir=tmp_path)
+  _, _, record = one_round(run)
+  arrays = record[round_records.ARRAYS]
+
+  class Progress:
+    def set_postfix(self, **kwargs):
+      pass
+
+  train.log_round(run, record, Progress())
+  line = json.loads((tmp_path / "metrics.jsonl").read_text())
+  assert "clients" not in line and "aggregation" not in line and round_records.ARRAYS not in line
+  summary = line["clients_summary"]
+  assert summary["count"] == NUM_CLIENTS and summary["status"] == {"trained": PER_ROUND, "absent": 2}
+  trained = arrays["train_loss"][np.isfinite(arrays["train_loss"])]
+  assert summary["train_loss"]["mean"] == pytest.approx(trained.mean())
+  assert line["aggregation_summary"]["size"] == PER_ROUND and line["participants"] == {"count": PER_ROUND}
+  saved = np.load(tmp_path / "rounds/round_00000.npz")
+  np.testing.assert_array_equal(saved["aggregation"], arrays["aggregation"])
+  np.testing.assert_array_equal(saved["status"], arrays["status"])
+  assert saved["aggregation"].shape == (PER_ROUND, PER_ROUND)
+
+
+def test_resumed_partial_participation_ends_where_the_uninterrupted_run_ends(base_run, tmp_path):
+  run = dataclasses.replace(variant(base_run, dropout_prob=0.3), workdir=tmp_path)
+  valid = valid_batches(run)
+  state, _ = rounds.run_round(run, state_lib.init_state(run), 0, valid)
+  mngr = checkpoint.manager(tmp_path / "checkpoints")
+  fingerprint = checkpoint.config_fingerprint(setup_lib.config_dict(run.config), state_lib.RESUMABLE_FIELDS)
+  checkpoint.save(mngr, 1, state_lib.checkpointable(state), {"config": fingerprint, "rounds_done": 1})
+  resumed = state_lib.resume_or_init(run, mngr)
+  for r in (1, 2):
+    state, record = rounds.run_round(run, state, r, valid)
+    resumed, resumed_record = rounds.run_round(run, resumed, r, valid)
+    record.pop("seconds"), resumed_record.pop("seconds")
+    assert record == resumed_record
+  assert_same(host(state_lib.checkpointable(state)), host(state_lib.checkpointable(resumed)))
