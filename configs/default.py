@@ -120,6 +120,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.max_test_users = 0  # evaluate at most this many test cases per client (0 = all)
   c.eval.ks = (5, 10, 20)  # cut-offs of the metrics
 
+  c.privacy = ml_collections.ConfigDict()  # defences at the split and their measurement (docs/privacy.md)
+  c.privacy.boundary_clip = 0.0  # per-token L2 bound of the hidden states sent to the server (0: none)
+  c.privacy.boundary_noise = 0.0  # Gaussian noise on them, its norm relative to boundary_clip (0: none)
+  c.privacy.dp_clip = 0.0  # DP-SGD: per-example L2 bound of the adapters' gradient (0: DP-SGD off)
+  c.privacy.dp_noise = 0.0  # DP-SGD: noise multiplier sigma (noise std = sigma * dp_clip per coordinate)
+  c.privacy.delta = 1e-5  # the delta of the (epsilon, delta) that the accountant reports
+  # experiments/privacy.py: the defence settings it trains and attacks, besides no defence
+  # boundary_clip of the boundary-noise settings; 0 = the median token norm of h_k (undefended run, public text)
+  c.privacy.sweep_clip = 0.0
+  c.privacy.sweep_noise = (0.25, 1.0)  # boundary_noise of each boundary-noise setting
+  c.privacy.sweep_dp_clip = 1.0  # dp_clip of the DP-SGD settings
+  c.privacy.sweep_dp_noise = (1.0,)  # dp_noise of each DP-SGD setting
+  c.privacy.client = 0  # the client whose private examples are attacked
+  c.privacy.public_examples = 512  # the attacker's public examples: random catalog titles in the prompt template
+  c.privacy.private_examples = 256  # at most this many of the attacked client's training examples are attacked
+  c.privacy.probe_steps = 300  # Adam steps of each attack probe (a linear map; softmax over its classes)
+  c.privacy.probe_learning_rate = 1e-2  # the probes' learning rate
+  c.privacy.probe_batch = 4096  # feature vectors per probe step
+
   if arg == "smoke":
     smoke(c)
   elif arg:

@@ -17,6 +17,7 @@ from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import loss as loss_lib
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.model import split as split_lib
+from fellrec_jax.privacy import defences as defences_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class SplitConfig:
   split_k: int
   loss_chunk: int = 0  # positions per chunk of the LM head + cross-entropy (0: all at once)
   remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+  defences: defences_lib.Defences = defences_lib.Defences()  # boundary noise, DP-SGD (docs/privacy.md)
 
   def __post_init__(self):
     split_lib.check_split(self.model, self.split_k)
@@ -35,6 +37,11 @@ class SplitConfig:
   @property
   def has_server_layers(self) -> bool:
     return split_lib.has_server_layers(self.model, self.split_k)
+
+  @property
+  def needs_rng(self) -> bool:
+    """Whether a step draws random numbers (LoRA dropout, boundary noise, DP-SGD noise)."""
+    return self.lora.dropout > 0 or self.defences.noisy_boundary or self.defences.dp_sgd
 
 
 def _tree_add(*trees):
@@ -48,7 +55,8 @@ def loss_and_grads(base, adapters, inputs: model_lib.Inputs, loss_mask, prefix_l
   cfg, lcfg, k = sc.model, sc.lora, sc.split_k
 
   def client_front(a):
-    return model_lib.front(base, a, inputs, cfg, lcfg, k, rngs[0], sc.remat)
+    h = model_lib.front(base, a, inputs, cfg, lcfg, k, rngs[0], sc.remat)
+    return defences_lib.clip_boundary(h, sc.defences) if sc.has_server_layers else h
 
   def server_middle(a, h_k):
     return model_lib.middle(base, a, h_k, inputs, cfg, lcfg, k, rngs[1], sc.remat)
@@ -58,6 +66,8 @@ def loss_and_grads(base, adapters, inputs: model_lib.Inputs, loss_mask, prefix_l
     return loss_lib.packed_nll(base, h, inputs, loss_mask, prefix_loss_mask, cfg, sc.loss_chunk)
 
   h_k, front_vjp = jax.vjp(client_front, adapters)  # client -> server: h_k
+  if sc.has_server_layers:  # boundary noise (docs/privacy.md): the server receives and runs noisy states
+    h_k = defences_lib.noise_boundary(h_k, sc.defences, rng)
   h_last, middle_vjp = jax.vjp(server_middle, adapters, h_k)  # server -> client: h_{L-1}
   (total, count), back_vjp = jax.vjp(client_back, adapters, h_last)
   g_back, dh_last = back_vjp((jnp.ones_like(total), jnp.zeros_like(count)))  # client -> server: dL/dh_{L-1}
@@ -82,3 +92,13 @@ def boundary_bytes(rows: int, row_len: int, prefix_len: int, sc: SplitConfig) ->
     return 0
   itemsize = jnp.dtype(sc.model.compute_dtype).itemsize
   return 4 * (rows * row_len + prefix_len) * sc.model.hidden_size * itemsize
+
+
+def dp_step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, sc: SplitConfig, rng):
+  """(NLL sum, label count, gradient) of one optimizer step's rows `batch` (tokens, positions, segment ids,
+  loss mask) under DP-SGD: per-example gradients through the split, clipped, summed and noised."""
+  tokens, positions, segment_ids, loss_mask = batch
+  inputs = model_lib.Inputs(tokens, positions, segment_ids, prefix_tokens)
+  per_example = lambda b, a, i, m, p, r: loss_and_grads(b, a, i, m, p, sc, r)
+  return defences_lib.dp_loss_and_grads(per_example, base, adapters, inputs, loss_mask, prefix_loss_mask,
+                                        sc.defences, rng)

@@ -146,9 +146,13 @@ class StepOutput(NamedTuple):
 def train_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchor,
                warmup_steps, total_steps, lr_scale, rng, lc: LocalConfig) -> StepOutput:
   """One optimizer step of one client; a masked step (real = False) returns its inputs unchanged."""
-  step_rng = jax.random.fold_in(rng, count) if lc.split.lora.dropout > 0 else None
-  total, labels, grads = step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc,
-                                             step_rng)
+  step_rng = jax.random.fold_in(rng, count) if lc.split.needs_rng else None
+  if lc.split.defences.dp_sgd:  # DP-SGD: per-example clipping and noise (privacy/defences.py)
+    total, labels, grads = split_learning.dp_step_loss_and_grads(base, adapters, batch, prefix_tokens,
+                                                                 prefix_loss_mask, lc.split, step_rng)
+  else:
+    total, labels, grads = step_loss_and_grads(base, adapters, batch, prefix_tokens, prefix_loss_mask, lc,
+                                               step_rng)
   return apply_step(adapters, opt_state, count, total, labels, grads, real, anchor, warmup_steps, total_steps,
                     lr_scale, lc)
 
@@ -395,6 +399,8 @@ def streams(lc: LocalConfig, states: ClientStates, lanes: bool = False) -> bool:
   state is sharded over the mesh's `clients` axis (each device streams its own clients, `client_mesh`) and
   all clients train at once (`lanes` False: lanes on a client mesh run as a vmap of packed rows)."""
   if lc.split.lora.dropout != 0.0:
+    return False
+  if lc.split.defences.enabled:  # boundary noise and DP-SGD run on each client's packed rows
     return False
   sharding = getattr(jax.tree.leaves(states.adapters)[0], "sharding", None)
   if sharding is None or len(sharding.device_set) == 1:

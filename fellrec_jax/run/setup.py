@@ -23,6 +23,7 @@ from fellrec_jax.model import hf_interop
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import split as split_lib
+from fellrec_jax.privacy import defences
 from fellrec_jax.run import distributed
 from fellrec_jax.run import pretrain
 from fellrec_jax.run import tracking
@@ -158,7 +159,7 @@ def local_config(config, model_cfg, lcfg) -> training.LocalConfig:
       learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, schedule=t.schedule,
       weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, fresh_each_round=t.fresh_optimizer)
   split = split_learning.SplitConfig(model_cfg, lcfg, config.fed.split_k, config.model.loss_chunk,
-                                     config.model.remat)
+                                     config.model.remat, defences.from_config(config))
   prox = {"fedprox": config.fed.prox_mu, "ditto": config.fed.ditto_lambda}.get(config.fed.aggregator, 0.0)
   return training.LocalConfig(split, opt, config.train.accum_steps, prox, config.fed.stream_groups)
 
