@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fellrec_jax.federated import training
+from fellrec_jax.model import kernels
 from fellrec_jax.model import lora
 from fellrec_jax.model import llama as model
 from fellrec_jax.federated import optimizer
@@ -147,3 +148,58 @@ def test_round_budgets_of_waves_are_taken_over_lanes():
     assert budget.rows >= valid.any(-1).sum(axis=(1, 2)).max()
   flat = training.stream_budgets(waves, lc)  # the [C, S] reading: members = waves
   assert len(flat) == 2 and flat != budgets
+
+
+def _dropout_round(path, groups=1, lanes=0, seed=4):
+  """One round of the four test clients with LoRA dropout 0.05 and two micro-batches per step by `path`:
+  'streamed' (groups of streams, or lanes when `lanes`) or 'vmapped' (the per-client reference)."""
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05, targets=("q_proj", "v_proj", "down_proj"))
+  opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1)
+  lc = training.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum_steps=2, stream_groups=groups,
+                            streamed=path == "streamed")
+  base = model.init_params(CFG, jax.random.PRNGKey(0))
+  prefix, prefix_mask = jnp.arange(3, 9, dtype=jnp.int32), jnp.ones(6, jnp.float32).at[0].set(0.0)
+  batches = client_batches(6, seed=1)
+  ctx = training.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
+  states = training.init_client_states(adapters_of(4, lcfg), lc, jax.random.PRNGKey(seed))
+  return training.local_round(base, states, batches, prefix, prefix_mask, None, ctx, lc=lc, lanes=lanes)
+
+
+def _assert_same_round(got, want):
+  """Float32 round-off of the rearranged sums: the tolerance of the no-dropout comparison above."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def streamed_with_dropout():
+  return _dropout_round("streamed")
+
+
+def test_streamed_round_with_dropout_draws_the_vmapped_rounds_masks(streamed_with_dropout):
+  """LoRA dropout 0.05: the streamed round (every client's tokens in one stream) and the per-client vmap
+  (`streamed=False`) draw the same masks, so losses and adapters agree; other keys give other masks."""
+  _assert_same_round(streamed_with_dropout, _dropout_round("vmapped"))
+  states, metrics = _dropout_round("streamed", seed=5)
+  assert not np.allclose(metrics.train_loss, streamed_with_dropout[1].train_loss, rtol=1e-6, atol=0)
+  q = lambda s: s.adapters["layers"]["self_attn"]["q_proj"]["lora_b"]
+  assert not np.allclose(q(states), q(streamed_with_dropout[0]), rtol=1e-4, atol=0)
+
+
+def test_dropout_masks_do_not_depend_on_how_clients_are_grouped(streamed_with_dropout):
+  """One stream, two streams of two clients, and two lanes of clients in turn give the same round."""
+  _assert_same_round(_dropout_round("streamed", groups=2), streamed_with_dropout)
+  _assert_same_round(_dropout_round("streamed", lanes=2), streamed_with_dropout)
+
+def test_dropout_masks_are_per_token_and_at_the_rate():
+  """Each token's mask comes from its client's key and its id alone: the same token in another set of
+  tokens gets the same mask; the rate is kept (inverted dropout) and tokens differ."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jnp.ones((6, 4000))
+  owner, ids = jnp.asarray([0, 1, 2, 0, 1, 2]), jnp.asarray([0, 0, 0, 7, 7, 7])
+  out = kernels.lora_dropout(x, kernels.DropoutKeys(keys, owner, ids), 0.25)
+  alone = kernels.lora_dropout(x[:1], kernels.DropoutKeys(keys[2:], jnp.zeros(1, jnp.int32), ids[5:]), 0.25)
+  np.testing.assert_array_equal(out[5], alone[0])
+  assert set(np.unique(np.asarray(out)).tolist()) == {0.0, float(np.float32(4.0 / 3.0))}
+  np.testing.assert_allclose(np.mean(np.asarray(out) == 0, axis=1), 0.25, atol=0.03)
+  assert len({tuple(np.asarray(row == 0)) for row in out}) == 6

@@ -15,7 +15,9 @@ layer's adapters of all clients side by side ([D, C*r] and [C*r, O]), the token'
 selected by a mask. Attention keeps the data's rows: the non-empty rows of all clients (a budget Ra of
 them) are gathered from the stream, each with its client's prefix keys/values, and their outputs read
 back. The numbers are those of the per-client computation (model/llama.py, split_learning.py), rearranged; the
-split between client and server is executed as there, on the stream's activations.
+split between client and server is executed as there, on the stream's activations. LoRA dropout too: each
+token's mask is drawn from its client's key and its id in the client's step (kernels.DropoutKeys), the
+masks of the per-client computation.
 
 Budgets are static (they shape the compiled step); `budgets` computes them from a round's batches on the
 host, rounded up (to 1/16 of a power of two) so that rounds rarely recompile.
@@ -52,6 +54,8 @@ class Layout(NamedTuple):
   tokens: jax.Array  # [S] int32 stream token ids (S = C*P + N)
   positions: jax.Array  # [S] int32 rotary positions
   columns: jax.Array  # [S, C] bool: the token's client (selects its LoRA columns)
+  owners: jax.Array  # [S] int32: the token's client (its LoRA dropout key)
+  dropout_ids: jax.Array  # [S] int32: its id in its client's step (llama.packed_dropout_keys' numbering)
   row_slots: jax.Array  # [Ra, T] int32: the stream index of each slot of each attention row (S: none)
   row_of_stream: jax.Array  # [N] int32: each row token's flat slot in [Ra * T]
   row_clients: jax.Array  # [Ra, C] float: the row's client, one-hot (gathers its prefix keys/values)
@@ -118,11 +122,13 @@ def layout(tokens, positions, segment_ids, loss_mask, real, prefix_tokens, budge
   flat = lambda x: x.reshape(-1)[slot]
   starts = (flat(positions) == P) & used
   token_clients = jax.nn.one_hot(client, C, dtype=jnp.float32) * used[:, None]
-  clients_of_stream = jnp.concatenate([jnp.repeat(jnp.arange(C), P), client])
+  clients_of_stream = jnp.concatenate([jnp.repeat(jnp.arange(C, dtype=jnp.int32), P), client.astype(jnp.int32)])
+  dropout_ids = jnp.concatenate([jnp.tile(jnp.arange(P, dtype=jnp.int32), C), P + slot % (R * T)])
   return Layout(
       tokens=jnp.concatenate([jnp.tile(prefix_tokens, C), flat(tokens)]),
       positions=jnp.concatenate([jnp.tile(jnp.arange(P, dtype=jnp.int32), C), flat(positions)]),
-      columns=jax.nn.one_hot(clients_of_stream, C, dtype=bool),
+      columns=jax.nn.one_hot(clients_of_stream, C, dtype=bool), owners=clients_of_stream,
+      dropout_ids=dropout_ids.astype(jnp.int32),
       row_slots=row_slots, row_of_stream=row_of_stream,
       row_clients=jax.nn.one_hot(rows // R, C, dtype=jnp.float32) * row_used[:, None],
       row_mask=row_mask, starts=starts, weights=jnp.where(used, flat(loss_mask), 0.0).astype(jnp.float32),
@@ -168,9 +174,9 @@ def _stream_adapters(adapters, columns):
           for block, projections in adapters.items()}
 
 
-def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg, lcfg):
+def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg, lcfg, rng=None):
   """One decoder layer over the stream: prefixes attend causally to themselves, rows to their client's
-  prefix and to their own segment."""
+  prefix and to their own segment. `rng`: the layer's kernels.DropoutKeys (None: no dropout)."""
   C, P = num_clients, (lay.tokens.shape[0] - lay.row_of_stream.shape[0]) // num_clients
   Ra, T = lay.row_slots.shape
   K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -188,7 +194,7 @@ def _layer(x_SxD, layer, adapters, lay: Layout, cos, sin, num_clients: int, cfg,
     return jnp.concatenate([out_prefix.reshape(C * P, K, G, H), back]), None
 
   lora = _stream_adapters(adapters, lay.columns)
-  return model_lib.decoder_layer(x_SxD, layer, lora, attention, cos, sin, cfg, lcfg)[0]
+  return model_lib.decoder_layer(x_SxD, layer, lora, attention, cos, sin, cfg, lcfg, rng)[0]
 
 
 def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTxKxH, mask_RxTxT, scale,
@@ -210,13 +216,16 @@ def _causal_row_attention(q_RxTxKxGxH, kp_RxPxKxH, vp_RxPxKxH, k_RxTxKxH, v_RxTx
 
 
 def run_layers(base, adapters, x_SxD, lay: Layout, layers: range, num_clients: int, cfg, lcfg,
-               remat: bool = False):
-  """Decoder layers `layers` over the stream; adapters {"layers": ...} with leaves [C, L, ...]."""
+               remat: bool = False, rng=None):
+  """Decoder layers `layers` over the stream; adapters {"layers": ...} with leaves [C, L, ...]; `rng`:
+  each client's dropout key [C, 2] for these layers (None: no dropout), folded as model_lib.run_layers does."""
   cos, sin = kernels.rope_tables(lay.positions, cfg)
   per_layer = jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters["layers"])  # [L, C, ...]
-  layer_fn = lambda x, layer, layer_adapters, _: _layer(x, layer, layer_adapters, lay, cos, sin, num_clients,
-                                                        cfg, lcfg)
-  return model_lib.run_layers(layer_fn, x_SxD, base["layers"], per_layer, layers.start, layers.stop, remat=remat)
+  layer_fn = lambda x, layer, layer_adapters, layer_rng: _layer(x, layer, layer_adapters, lay, cos, sin,
+                                                                num_clients, cfg, lcfg, layer_rng)
+  keys = None if rng is None else kernels.DropoutKeys(rng, lay.owners, lay.dropout_ids)
+  return model_lib.run_layers(layer_fn, x_SxD, base["layers"], per_layer, layers.start, layers.stop, keys,
+                              remat=remat)
 
 
 def stream_nll(base, h_SxD, lay: Layout, prefix_tokens, prefix_loss_mask, num_clients: int, cfg,
@@ -245,25 +254,28 @@ def stream_nll(base, h_SxD, lay: Layout, prefix_tokens, prefix_loss_mask, num_cl
   return totals, counts
 
 
-def loss_and_grads(base, adapters, batch, real, prefix_tokens, prefix_loss_mask, sc, budget: Budgets):
+def loss_and_grads(base, adapters, batch, real, prefix_tokens, prefix_loss_mask, sc, budget: Budgets, rng=None):
   """Per client (NLL sum [C], label count [C], adapter gradients [C, ...]) of one micro-batch of every
   client, through the explicit client/server split (as split_learning.loss_and_grads, all clients at once).
 
-  batch: (tokens, positions, segment_ids, loss_mask), each [C, R, T]; real: [C] bool.
+  batch: (tokens, positions, segment_ids, loss_mask), each [C, R, T]; real: [C] bool; rng: each client's
+  dropout key of this micro-batch [C, 2] (None: no dropout), split as split_learning splits it, so that
+  each client's masks are those of its own computation there.
   """
   cfg, lcfg, k = sc.model, sc.lora, sc.split_k
   C = real.shape[0]
   lay = layout(*batch, real, prefix_tokens, budget)
+  rngs = [None] * 3 if rng is None else list(jnp.moveaxis(jax.vmap(lambda r: jax.random.split(r, 3))(rng), 1, 0))
 
   def client_front(a):
     x = model_lib.embed(base, lay.tokens, cfg)
-    return run_layers(base, a, x, lay, split_lib.front_layers(cfg, k), C, cfg, lcfg, sc.remat)
+    return run_layers(base, a, x, lay, split_lib.front_layers(cfg, k), C, cfg, lcfg, sc.remat, rngs[0])
 
   def server_middle(a, h_k):
-    return run_layers(base, a, h_k, lay, split_lib.server_layers(cfg, k), C, cfg, lcfg, sc.remat)
+    return run_layers(base, a, h_k, lay, split_lib.server_layers(cfg, k), C, cfg, lcfg, sc.remat, rngs[1])
 
   def client_back(a, h_last):
-    h = run_layers(base, a, h_last, lay, split_lib.back_layers(cfg), C, cfg, lcfg, sc.remat)
+    h = run_layers(base, a, h_last, lay, split_lib.back_layers(cfg), C, cfg, lcfg, sc.remat, rngs[2])
     h = model_lib.final_norm(base, h, cfg)
     return stream_nll(base, h, lay, prefix_tokens, prefix_loss_mask, C, cfg, sc.loss_chunk)
 

@@ -12,8 +12,11 @@ clients one after another (assigned longest first, so the lanes' step counts bal
 by V, and small clients do not idle while a large one finishes. A lane loads a client's state before its
 first step and stores it after its last.
 
-Without LoRA dropout each step of all clients runs as streams of their tokens (stream.py); with the client
-state sharded over a mesh's `clients` axis, every device streams its own clients (shard_map).
+Each step of all clients runs as streams of their tokens (stream.py); with the client state sharded over
+a mesh's `clients` axis, every device streams its own clients (shard_map). LoRA dropout masks are drawn per
+client and per token from the client's own key (kernels.DropoutKeys), so every path draws the same ones.
+`LocalConfig.streamed = False` runs the reference path instead: a `vmap` over clients of each client's
+own computation of packed rows (also what lanes on a client mesh run).
 
 `sequential_local_round` trains the clients one by one: the debug path that must give the same numbers.
 """
@@ -45,6 +48,7 @@ class LocalConfig:
   accum_steps: int = 1  # micro-batches per optimizer step (rows per step must be a multiple)
   prox_mu: float = 0.0  # FedProx / Ditto proximal coefficient: mu/2 * ||theta - anchor||^2
   stream_groups: int = 1  # streamed steps: independent streams of client groups (XLA runs them concurrently)
+  streamed: bool = True  # steps as streams of all clients' tokens (fast); False: the per-client vmap (reference)
 
 
 class ClientStates(NamedTuple):
@@ -173,28 +177,33 @@ def apply_step(adapters, opt_state, count, total, labels, grads, real, anchor, w
 
 
 def streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
-                  warmup_steps, total_steps, lr_scale, lc: LocalConfig,
+                  warmup_steps, total_steps, lr_scale, rng, lc: LocalConfig,
                   budget: tuple[stream.Budgets, ...]) -> StepOutput:
-  """`train_step` of every client at once ([C, ...] arguments, no dropout): the loss and gradients of all
-  clients' tokens as streams (stream.py), one per group of clients (`budget`: one per group; independent
-  computations that XLA can run side by side), then each client's update."""
+  """`train_step` of every client at once ([C, ...] arguments): the loss and gradients of all clients'
+  tokens as streams (stream.py), one per group of clients (`budget`: one per group; independent
+  computations that XLA can run side by side), then each client's update. `rng` [C, 2]: each client's
+  round key, folded as `train_step` and `step_loss_and_grads` fold it (the same dropout masks)."""
   micro = _micro_batches(batch, lc.accum_steps, axis=1)
   C = real.shape[0]
   groups = stream.group_bounds(C, len(budget))
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  step_rng = jax.vmap(jax.random.fold_in)(rng, count) if lc.split.lora.dropout > 0 else None
 
-  def group_loss_and_grads(xs):
+  def group_loss_and_grads(xs, index):
+    micro_rng = None if step_rng is None else fold(step_rng, index)
     parts = [stream.loss_and_grads(base, jax.tree.map(lambda x: x[a:b], adapters), tuple(x[a:b] for x in xs),
-                                   real[a:b], prefix_tokens, prefix_loss_mask, lc.split, group_budget)
+                                   real[a:b], prefix_tokens, prefix_loss_mask, lc.split, group_budget,
+                                   None if micro_rng is None else micro_rng[a:b])
              for (a, b), group_budget in zip(groups, budget)]
     return jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
   def accumulate(carry, xs):
     total, labels, grads = carry
-    t, c, g = group_loss_and_grads(xs)
+    t, c, g = group_loss_and_grads(*xs)
     return (total + t, labels + c, jax.tree.map(jnp.add, grads, g)), None
 
   init = (jnp.zeros(C, jnp.float32), jnp.zeros(C, jnp.float32), jax.tree.map(jnp.zeros_like, adapters))
-  (total, labels, grads), _ = jax.lax.scan(accumulate, init, micro)
+  (total, labels, grads), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(lc.accum_steps)))
   update = functools.partial(apply_step, lc=lc)
   return jax.vmap(update, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0))(
       adapters, opt_state, count, total, labels, grads, real, anchors, warmup_steps, total_steps, lr_scale)
@@ -283,7 +292,7 @@ def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first
     else:
       out = streamed_step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens,
                           prefix_loss_mask, _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c],
-                          lc, budget)
+                          round_rng[c], lc, budget)
     owner = jnp.where(active, c, num_clients)
     sums = tuple(s.at[owner].add(v, mode="drop") for s, v in zip(sums, (out.loss, out.labels)))
     store = jnp.where(active & is_last, c, num_clients)
@@ -339,19 +348,20 @@ def _vmapped_round(base, states: ClientStates, batches: ClientBatches, prefix_to
 
 def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
                     ctx: RoundContext, lc: LocalConfig, budget: stream.Budgets):
-  """`_vmapped_round` (no dropout) with each step of all clients run as one stream (`streamed_step`)."""
+  """`_vmapped_round` with each step of all clients run as streams (`streamed_step`)."""
   num_clients = states.rng.shape[0]
   opt_state = states.opt_state
   if lc.optimizer.fresh_each_round:
     opt_state = jax.vmap(optimizer_lib.transform(lc.optimizer).init)(states.adapters)
-  next_rng = jax.vmap(jax.random.split)(states.rng)[:, 0]
+  keys = jax.vmap(jax.random.split)(states.rng)  # as client_update: (next, this round's)
+  next_rng, round_rng = keys[:, 0], keys[:, 1]
   total_steps = jnp.sum(batches.step_mask.astype(jnp.int32), axis=1)
 
   def body(carry, xs):
     adapters, opt_state, count = carry
     batch, real = xs
     out = streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
-                        ctx.warmup_steps, total_steps, ctx.lr_scale, lc, budget)
+                        ctx.warmup_steps, total_steps, ctx.lr_scale, round_rng, lc, budget)
     return (out.adapters, out.opt_state, out.count), (out.loss, out.labels)
 
   by_step = lambda x: jnp.swapaxes(x, 0, 1)
@@ -394,11 +404,11 @@ def client_mesh(states: ClientStates) -> Mesh | None:
 
 
 def streams(lc: LocalConfig, states: ClientStates, lanes: bool = False) -> bool:
-  """Whether a round runs its steps as streams of the clients' tokens (stream.py), the fast path: not with
-  LoRA dropout (its masks are drawn per client); on one device always, on several only when the client
+  """Whether a round runs its steps as streams of the clients' tokens (stream.py), the fast path: unless
+  `lc.streamed` is False (the reference path); on one device always, on several only when the client
   state is sharded over the mesh's `clients` axis (each device streams its own clients, `client_mesh`) and
   all clients train at once (`lanes` False: lanes on a client mesh run as a vmap of packed rows)."""
-  if lc.split.lora.dropout != 0.0:
+  if not lc.streamed:
     return False
   if lc.split.defences.enabled:  # boundary noise and DP-SGD run on each client's packed rows
     return False

@@ -90,6 +90,43 @@ class StreamLora(NamedTuple):
   clients: jax.Array  # [S, C] bool: the client of each token
 
 
+class DropoutKeys(NamedTuple):
+  """The randomness of LoRA dropout over a set of tokens, one client's or several clients' at once.
+
+  Token i's keep mask for one projection is drawn from its client's key `keys[owner[i]]` (folded with the
+  layer and the projection, `fold_in`) and its id `ids[i]` in that client's step, and from nothing else:
+  a token gets the same mask whichever other tokens, clients or layout (rows, streams, lanes, devices) it
+  is computed with.
+  """
+
+  keys: jax.Array  # [K, 2] uint32 PRNG keys (one per client)
+  owner: jax.Array  # [...] int32: each token's key
+  ids: jax.Array  # [...] int32: each token's id in its client's step
+
+  def fold_in(self, data) -> DropoutKeys:
+    """Every client's key folded with `data` (a layer index, a projection's index)."""
+    return self._replace(keys=jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, data))
+
+
+def dropout_keys(rng, token_shape: tuple[int, ...]) -> DropoutKeys:
+  """`rng` as DropoutKeys of tokens [*token_shape]: a single PRNG key numbers them in order."""
+  if isinstance(rng, DropoutKeys):
+    return rng
+  ids = jnp.arange(math.prod(token_shape), dtype=jnp.int32).reshape(token_shape)
+  return DropoutKeys(jnp.asarray(rng)[None], jnp.zeros(token_shape, jnp.int32), ids)
+
+
+def lora_dropout(x, rng, rate: float):
+  """Inverted dropout of x [..., D] (kept values scaled by 1 / (1 - rate)), as PEFT's lora_dropout, with
+  each token's mask of D values drawn from its own key (`DropoutKeys`; a single key numbers the tokens).
+  Keep is `bits >= rate * 2^32` on uniform 32-bit words: exact to 2^-32, no float conversion."""
+  dk = dropout_keys(rng, x.shape[:-1])
+  token_keys = jax.vmap(jax.random.fold_in)(dk.keys[dk.owner.reshape(-1)], dk.ids.reshape(-1))
+  bits = jax.vmap(lambda key: jax.random.bits(key, (x.shape[-1],), jnp.uint32))(token_keys)
+  keep = bits.reshape(x.shape) >= np.uint32(round(rate * 2.0**32))
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), 0).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_delta(x, a_DxR, b_RxO, scale: float):
   """(x @ a @ b) * scale; its VJP keeps x in its own layout."""

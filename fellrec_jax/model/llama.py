@@ -311,7 +311,10 @@ def plain_inputs(tokens, attention_mask=None, positions=None) -> Inputs:
 
 
 def layer_rng(rng, index):
-  return None if rng is None else jax.random.fold_in(rng, index)
+  """A dropout key (or kernels.DropoutKeys) folded with a layer's or a projection's index."""
+  if rng is None:
+    return None
+  return rng.fold_in(index) if isinstance(rng, kernels.DropoutKeys) else jax.random.fold_in(rng, index)
 
 
 def project(x, params: Params, adapter, lcfg: lora_lib.LoraConfig, rng=None):
@@ -324,8 +327,7 @@ def project(x, params: Params, adapter, lcfg: lora_lib.LoraConfig, rng=None):
   if adapter is None:
     return y
   if rng is not None and lcfg.dropout > 0.0:
-    keep = jax.random.bernoulli(rng, 1.0 - lcfg.dropout, x.shape)
-    x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
+    x = kernels.lora_dropout(x, rng, lcfg.dropout)
   if isinstance(adapter, kernels.StreamLora):
     return y + kernels.stream_lora_delta(x, adapter.a.astype(dtype), adapter.b.astype(dtype), adapter.clients,
                                          lcfg.scale)
@@ -415,7 +417,7 @@ def packed_layer(x: Activations, layer: Params, adapters: Params, ctx: Context, 
                  lcfg: lora_lib.LoraConfig, rng=None) -> Activations:
   """One decoder layer over the prefix and the rows (which also attend to the prefix's keys)."""
   scale = cfg.head_dim ** -0.5
-  rng_rows, rng_prefix = (None, None) if rng is None else jax.random.split(rng)
+  rng_rows, rng_prefix = packed_dropout_keys(rng, x.rows.shape[:2], x.prefix.shape[0])
 
   def prefix_attention(q, k, v):
     return kernels.attend(q[None], [(k[None], v[None], ctx.prefix_mask[None], False)], scale)[0], (k, v)
@@ -429,6 +431,18 @@ def packed_layer(x: Activations, layer: Params, adapters: Params, ctx: Context, 
   rows, _ = decoder_layer(x.rows, layer, adapters, rows_attention, ctx.rows_cos, ctx.rows_sin, cfg, lcfg,
                           rng_rows)
   return Activations(rows, prefix)
+
+
+def packed_dropout_keys(rng, rows_shape: tuple[int, int], num_prefix: int):
+  """(rows, prefix) kernels.DropoutKeys of one client's step from its layer key: prefix token p has id p,
+  row slot (r, t) has id P + r*T + t, as the streamed round numbers them (stream.layout)."""
+  if rng is None:
+    return None, None
+  R, T = rows_shape
+  key = jnp.asarray(rng)[None]
+  rows = kernels.DropoutKeys(key, jnp.zeros(rows_shape, jnp.int32),
+                             num_prefix + jnp.arange(R * T, dtype=jnp.int32).reshape(R, T))
+  return rows, kernels.DropoutKeys(key, jnp.zeros(num_prefix, jnp.int32), jnp.arange(num_prefix, dtype=jnp.int32))
 
 
 def take_layer(tree, index):
