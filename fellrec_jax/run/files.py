@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,14 +41,13 @@ def atomic_path(path) -> Iterator[Path]:
   """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
-  os.close(fd)
-  tmp = Path(tmp)
+  tmp = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}"
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual permissions (umask)
   try:
     yield tmp
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
-    fault_point("before_rename")
+    fault_point(f"before_rename:{path.name}")
     os.replace(tmp, path)
   except Exception:
     tmp.unlink(missing_ok=True)
