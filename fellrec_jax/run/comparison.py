@@ -13,6 +13,7 @@ import numpy as np
 from fellrec_jax.evaluation import metrics
 from fellrec_jax.evaluation import plots
 from fellrec_jax.run import distributed
+from fellrec_jax.run import files
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import train
 
@@ -67,11 +68,11 @@ def _write(config, workdir: Path, aggregators, reports, runs) -> None:
     note = "min/max/std are across clients (balance); overall is weighted by test users.\n"
   else:
     summary = seed_summary(reports, TABLE_METRICS, baseline="fedavg" if "fedavg" in aggregators else None)
-    (workdir / "compare.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(workdir / "compare.json", summary)
     table = summary_table(summary, TABLE_METRICS)
     note = ("mean over seeds [95% interval, t distribution]; std/min/max across clients, averaged over seeds; "
             "delta: paired difference from FedAvg per seed [95% interval] (seeds where higher / all).\n")
-  (workdir / "compare.md").write_text(f"{title}{table}\n{note}")
+  files.write_text(workdir / "compare.md", f"{title}{table}\n{note}")
   plots.plot_client_bars({**first, "popularity": first[aggregators[0]]["baselines"]["popularity"]},
                          workdir / "compare.png", ("recall@10", "ndcg@10"),
                          title="per-client test metrics by aggregator" + (f" (seed {seeds[0]})" if len(seeds) > 1 else ""))
