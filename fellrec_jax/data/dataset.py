@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from fellrec_jax import files
 from fellrec_jax.data.records import DataError, Record, load_records, parse_record, save_records
-from fellrec_jax.run import files
 
 SPLITS = ("train", "valid", "test")
 CATALOG_FILE = "items.json"

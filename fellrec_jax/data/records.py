@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
-from fellrec_jax.run import files
+from fellrec_jax import files
 
 TITLE_SEPARATOR = '", "'
 INPUT_END = "\n "

@@ -12,10 +12,10 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fellrec_jax import files
 from fellrec_jax.data.dataset import Dataset
 from fellrec_jax.data.prompts import full_text
 from fellrec_jax.data.records import INPUT_END, DataError, Record, make_record, parse_record
-from fellrec_jax.run import files
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3, Llama's order for unk/bos/eos

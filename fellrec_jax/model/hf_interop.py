@@ -19,9 +19,9 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from fellrec_jax import files
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import llama as model_lib
-from fellrec_jax.run import files
 
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _PEFT_PREFIX = "base_model.model.model.layers"

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from fellrec_jax.run import files
+from fellrec_jax import files
 
 logger = logging.getLogger("fellrec_jax")
 

@@ -10,10 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
+from fellrec_jax import files
 from fellrec_jax.evaluation import metrics
 from fellrec_jax.evaluation import plots
 from fellrec_jax.run import distributed
-from fellrec_jax.run import files
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import train
 

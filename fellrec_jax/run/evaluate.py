@@ -17,10 +17,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from fellrec_jax import files
 from fellrec_jax.federated import sharding
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import distributed
-from fellrec_jax.run import files
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import state as state_lib
 from fellrec_jax.evaluation import metrics

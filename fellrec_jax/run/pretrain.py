@@ -20,12 +20,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from fellrec_jax import files
 from fellrec_jax.model import hf_interop
 from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.model import loss as loss_lib
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.data.records import format_titles
-from fellrec_jax.run import files
 
 logger = logging.getLogger(__name__)
 FINGERPRINT_FILE = "fellrec_pretrain.json"
