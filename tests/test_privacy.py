@@ -273,3 +273,12 @@ def test_accountant_on_one_gaussian_step_brackets_the_exact_epsilon():
   assert accounting.dp_sgd_epsilon(0.0, 0.1, 10, delta) == math.inf
   with pytest.raises(ValueError, match="sampling rate"):
     accounting.dp_sgd_epsilon(1.0, 1.5, 10, delta)
+
+
+def test_a_defended_run_trains_on_the_per_client_path():
+  from fellrec_jax.federated import optimizer, training
+  states = training.ClientStates({"a": jnp.zeros((2, 3))}, None, jnp.zeros((2, 2), jnp.uint32))
+  lc = lambda d: training.LocalConfig(split_config(d), optimizer.OptimizerConfig())
+  assert training.streams(lc(defences.Defences()), states)
+  assert not training.streams(lc(defences.Defences(boundary_clip=1.0, boundary_noise=0.5)), states)
+  assert not training.streams(lc(defences.Defences(dp_clip=1.0, examples_per_step=4)), states)
