@@ -1,4 +1,5 @@
-"""Greedy and beam search equal transformers' generate(do_sample=False), token for token."""
+"""Greedy and beam search equal transformers' generate(do_sample=False), token for token, with or without a
+prompt prefix encoded once."""
 
 import jax
 import numpy as np
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, make_hf_model, to_ours
+from fellrec_jax.evaluation import grounding
 from fellrec_jax.model import generation
+from fellrec_jax.model import llama as model_lib
 from fellrec_jax.model import lora
 from test_lora import peft_model, randomize
 
@@ -87,3 +90,54 @@ def test_beam_scores_match_transformers(peaky):
   ours = generation.beam_search(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=3,
                                 eos_id=2, pad_id=0)
   np.testing.assert_allclose(np.asarray(ours.scores), out.sequences_scores.numpy(), rtol=1e-5)
+
+
+def prefixed_prompts(cfg):
+  """Prompts that share their first 5 tokens, then 1 to 6 of their own: (prefix, suffixes, left-padded
+  whole prompts and mask)."""
+  rs = np.random.RandomState(1)
+  prefix = rs.randint(3, cfg.vocab_size, 5).tolist()
+  suffixes = [rs.randint(3, cfg.vocab_size, n).tolist() for n in (3, 6, 1, 4)]
+  whole = [prefix + s for s in suffixes]
+  ids, mask = grounding.left_pad(whole, max(map(len, whole)), len(whole))
+  return prefix, suffixes, ids, mask
+
+
+def test_beam_search_after_a_shared_prefix_equals_transformers(peaky):
+  """The prefix encoded once, the prompts' own tokens left-padded after it: the same beams as whole prompts."""
+  hf, cfg, params, _, _ = peaky
+  prefix, suffixes, ids, mask = prefixed_prompts(cfg)
+  ref = hf_generate(hf, ids, mask, 4)
+  encoded = generation.encode_prefix(params, {}, np.asarray(prefix, np.int32), cfg=cfg, lcfg=LCFG)
+  assert encoded.k.shape[:2] == (cfg.num_layers, 5)
+  suffix_ids, suffix_mask = grounding.left_pad(suffixes, 8, len(suffixes))  # more padding than needed
+  out = generation.beam_search(params, {}, suffix_ids, suffix_mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW,
+                               num_beams=4, eos_id=2, pad_id=0, prefix=encoded)
+  assert_same_tokens(out, ref)
+  whole = generation.beam_search(params, {}, ids, mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=4,
+                                 eos_id=2, pad_id=0)
+  np.testing.assert_allclose(np.asarray(out.scores), np.asarray(whole.scores), rtol=1e-5)
+  greedy = generation.greedy(params, {}, suffix_ids, suffix_mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW,
+                             eos_id=2, pad_id=0, prefix=encoded)
+  assert_same_tokens(greedy, hf_generate(hf, ids, mask, 1))
+
+
+def test_split_prefix_takes_the_common_tokens():
+  assert generation.common_prefix_length([[1, 5, 6, 7], [1, 5, 6, 9, 9], [1, 5, 6, 7, 2]]) == 3
+  assert generation.common_prefix_length([[1, 5, 6], [1, 5, 6, 7]]) == 2  # every prompt keeps a token
+  assert generation.common_prefix_length([[4, 5]]) == 1 and generation.common_prefix_length([]) == 0
+  with pytest.raises(ValueError, match="prompt 1 does not start with the 2 shared prefix tokens"):
+    generation.split_prefix(None, {}, None, LCFG, [[1, 5, 6], [1, 4, 6]], prefix_length=2)
+
+
+def test_scanned_layers_give_the_same_beams(peaky, monkeypatch):
+  """Models deeper than UNROLL_LAYERS run their layers as a scan with the cache in the carry."""
+  hf, cfg, params, ids, mask = peaky
+  kwargs = dict(cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=4, eos_id=2, pad_id=0)
+  unrolled = generation.beam_search(params, {}, ids, mask, **kwargs)
+  monkeypatch.setattr(model_lib, "UNROLL_LAYERS", 1)
+  jax.clear_caches()
+  scanned = generation.beam_search(params, {}, ids, mask, **kwargs)
+  jax.clear_caches()
+  np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
+  np.testing.assert_allclose(np.asarray(scanned.scores), np.asarray(unrolled.scores), rtol=1e-5)

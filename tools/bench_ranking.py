@@ -1,16 +1,31 @@
-"""Time the three ranking modes (grounding, likelihood, constrained) on a random tiny model.
+"""Time the ranking modes (grounding, likelihood, constrained) on a random tiny model, against PyTorch.
 
-  python tools/bench_ranking.py [--items 1000] [--prompts 64] [--games ../shared/data/games_bigrec]
+  python tools/bench_ranking.py --quick --torch                   # grounding and likelihood against PyTorch
+  python tools/bench_ranking.py [--items 1000] [--prompts 64] [--games DIR] [--modes ...] [--torch]
 
 Synthetic by default: `--items` made-up titles and `--prompts` prompts of docs/method.md §1's template with 10
 history titles each. With --games, the catalog is every title in the directory's records and the prompts
 are the first `--prompts` test records. A byte-level BPE is trained on the catalog and the template; the
-model is random (init_params), so generation runs to --max_new_tokens (the worst case). Each mode is
-timed twice: cold (with compilation) and warm. Prints one line per mode.
+model is random (init_params), so generation runs to --max_new_tokens (the worst case, the same number of
+steps on both sides). Each mode is timed cold (with compilation) and, with --warm or --torch, warm.
+
+--torch adds the PyTorch side on the same model (saved as a Hugging Face checkpoint, LoRA through PEFT),
+the same prompt tokens and catalog, one process, all cores:
+  grounding   the reference's procedure (BIGRec): transformers `generate(num_beams=4, do_sample=False)`
+              on left-padded batches of --generation_batch prompts, the text after "Response:" unquoted,
+              embedded by the base model (`hidden_states[-1][:, -1]`, adapters off), L2 distance to the
+              catalog's embeddings (`torch.cdist`), history excluded, top 20.
+  likelihood  each prompt encoded once (`use_cache`), its cache repeated for blocks of titles, every
+              title's summed log-probability, history excluded, top 20.
+The catalog's embeddings are computed once per side and not counted in prompts/s. Sides run in turns
+(ours warm-up, torch, ours timed); the ratio is our warm prompts/s over torch's. The predictions of both
+sides are compared (grounding: generated titles; likelihood: top items).
 """
 
 import argparse
+import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +34,11 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fellrec_jax.model import lora
-from fellrec_jax.evaluation import recommend
-from fellrec_jax.model import llama as model_lib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fellrec_jax.model import lora  # noqa: E402
+from fellrec_jax.evaluation import recommend  # noqa: E402
+from fellrec_jax.model import llama as model_lib  # noqa: E402
 
 HEADER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n")
@@ -79,7 +96,12 @@ def main():
   parser.add_argument("--generation_batch", type=int, default=16)
   parser.add_argument("--title_tokens", type=int, default=recommend.RankingConfig.likelihood_title_tokens)
   parser.add_argument("--warm", action="store_true", help="also time a second (compiled) run")
+  parser.add_argument("--torch", action="store_true", help="also run the PyTorch side and report the ratio")
+  parser.add_argument("--quick", action="store_true",
+                      help="the quick size: 1,000 items, 32 prompts, grounding and likelihood")
   args = parser.parse_args()
+  if args.quick:
+    args.items, args.prompts, args.modes = 1000, 32, "grounding,likelihood"
 
   rs = np.random.RandomState(0)
   titles, texts, histories = games(args.games, args.prompts) if args.games else synthetic(args.items, args.prompts, rs)
@@ -93,21 +115,151 @@ def main():
   prompts = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
   print(f"{len(titles)} items, {len(prompts)} prompts of {np.mean([len(p) for p in prompts]):.0f} tokens, "
         f"model d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, {jax.devices()[0].platform}")
+  torch_model = make_torch_side(cfg, params, lcfg, adapters) if args.torch else None
   for mode in args.modes.split(","):
     rcfg = recommend.RankingConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                    generation_batch=args.generation_batch, likelihood_title_tokens=args.title_tokens)
     start = time.perf_counter()
     catalog = recommend.prepare_catalog(params, cfg, tokenizer, titles, texts[:2], rcfg)
     prepared = time.perf_counter() - start
-    times = []
-    for _ in range(2 if args.warm else 1):
-      start = time.perf_counter()
-      ranking = recommend.rank_client(params, adapters, cfg, lcfg, tokenizer, catalog, prompts, histories, rcfg)
-      times.append(time.perf_counter() - start)
+    rank = lambda: recommend.rank_client(params, adapters, cfg, lcfg, tokenizer, catalog, prompts, histories, rcfg)
+    ranking, cold = timed(rank)
+    line = f"{mode:12s} catalog {prepared:6.1f} s   rank cold {cold:6.1f} s"
+    if torch_model is not None:
+      torch_result, torch_seconds, torch_prepared = torch_rank(torch_model, tokenizer, mode, prompts, titles,
+                                                               catalog.responses, histories, rcfg)
+    if args.warm or torch_model is not None:
+      ranking, warm = timed(rank)
+      line += f"   warm {warm:6.1f} s"
+    seconds = warm if args.warm or torch_model is not None else cold
     generated = np.mean([len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ranking.predictions])
-    print(f"{mode:12s} catalog {prepared:6.1f} s   rank cold {times[0]:6.1f} s"
-          + (f"   warm {times[1]:6.1f} s" if args.warm else "")
-          + f"   ({len(prompts) / times[-1]:.1f} prompts/s; predictions of {generated:.1f} tokens on average)")
+    print(line + f"   ({len(prompts) / seconds:.2f} prompts/s; predictions of {generated:.1f} tokens on average)")
+    if torch_model is not None:
+      same = (np.mean([a == b for a, b in zip(ranking.predictions, torch_result)]) if mode == "grounding" else
+              np.mean(ranking.items[:, 0] == np.asarray(torch_result)[:, 0]))
+      print(f"{'':12s} torch: catalog {torch_prepared:6.1f} s   rank {torch_seconds:6.1f} s   "
+            f"({len(prompts) / torch_seconds:.2f} prompts/s)   speedup {torch_seconds / seconds:.2f}x   "
+            f"same {'prediction' if mode == 'grounding' else 'top item'}: {same:.0%}")
+
+
+def timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch side
+
+
+def make_torch_side(cfg, params, lcfg, adapters):
+  """transformers' LlamaForCausalLM of the same weights with the same LoRA through PEFT (eval mode)."""
+  import tempfile
+
+  import peft
+  import torch
+  from transformers import LlamaForCausalLM
+
+  from fellrec_jax.model import hf_interop
+
+  directory = Path(tempfile.mkdtemp(prefix="bench_ranking_"))
+  hf_interop.save_llama(directory / "base", cfg, params)
+  hf_interop.save_peft_adapter(directory / "lora", adapters, lcfg)
+  torch.manual_seed(0)
+  model = LlamaForCausalLM.from_pretrained(str(directory / "base"), torch_dtype=torch.float32)
+  return peft.PeftModel.from_pretrained(model, str(directory / "lora")).eval()
+
+
+def _left_padded(token_lists, pad_id):
+  import torch
+  length = max(len(t) for t in token_lists)
+  ids = torch.full((len(token_lists), length), pad_id, dtype=torch.long)
+  mask = torch.zeros((len(token_lists), length), dtype=torch.long)
+  for row, tokens in enumerate(token_lists):
+    ids[row, length - len(tokens):] = torch.tensor(tokens)
+    mask[row, length - len(tokens):] = 1
+  return ids, mask
+
+
+def torch_embed(model, token_lists, pad_id, batch_size):
+  """BIGRec's embedding: hidden_states[-1][:, -1] of left-padded batches, with the base model."""
+  import torch
+  out = []
+  with torch.no_grad(), model.disable_adapter():
+    for start in range(0, len(token_lists), batch_size):
+      ids, mask = _left_padded(token_lists[start:start + batch_size], pad_id)
+      position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real-token positions, as our default embedding
+      hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+      out.append(hidden.hidden_states[-1][:, -1, :])
+  return torch.cat(out)
+
+
+def torch_rank(model, tokenizer, mode, prompts, titles, responses, histories, rcfg):
+  """(predictions or top items, ranking seconds, catalog seconds) of the PyTorch side."""
+  start = time.perf_counter()
+  k = max(rcfg.ks)
+  if mode == "grounding":
+    items = torch_embed(model, recommend.embedding_tokens(tokenizer, titles), tokenizer.pad_token_id, rcfg.embed_batch)
+    prepared = time.perf_counter() - start
+    start = time.perf_counter()
+    predictions = torch_grounding(model, tokenizer, prompts, items, histories, rcfg, k)[0]
+  elif mode == "likelihood":
+    prepared = 0.0
+    predictions = torch_likelihood(model, prompts, responses, histories, k, tokenizer.pad_token_id)
+  else:
+    raise ValueError(f"no PyTorch side for mode {mode!r}")
+  return predictions, time.perf_counter() - start, prepared
+
+
+def torch_grounding(model, tokenizer, prompts, item_embeddings, histories, rcfg, k):
+  import torch
+  predictions = []
+  with torch.no_grad():
+    for start in range(0, len(prompts), rcfg.generation_batch):
+      ids, mask = _left_padded(prompts[start:start + rcfg.generation_batch], tokenizer.pad_token_id)
+      out = model.generate(input_ids=ids, attention_mask=mask, num_beams=rcfg.num_beams, do_sample=False,
+                           max_new_tokens=rcfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+      texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+      predictions += [recommend.response_text(t) for t in texts]
+    pred = torch_embed(model, recommend.embedding_tokens(tokenizer, predictions), tokenizer.pad_token_id,
+                       rcfg.embed_batch)
+    distance = torch.cdist(pred, item_embeddings, p=2)
+    for row, history in enumerate(histories):
+      distance[row, list(history)] = float("inf")
+    ranked = torch.topk(-distance, k, dim=1).indices.numpy()
+  return predictions, ranked
+
+
+def torch_likelihood(model, prompts, responses, histories, k, pad_id, title_batch=64):
+  """Top-k items by summed log-probability: titles sorted by length, in blocks that each read a copy of
+  the prompt's cache."""
+  import torch
+  lengths = np.array([len(r) for r in responses])
+  order = np.argsort(lengths, kind="stable")
+  blocks = []
+  for start in range(0, len(order), title_batch):
+    items = order[start:start + title_batch]
+    block = torch.full((len(items), int(lengths[items].max())), pad_id, dtype=torch.long)
+    for row, item in enumerate(items):
+      block[row, :lengths[item]] = torch.tensor(responses[item])
+    valid = torch.arange(block.shape[1])[None] < torch.tensor(lengths[items])[:, None]
+    blocks.append((torch.tensor(items), block, valid))
+  ranked = []
+  with torch.no_grad():
+    for prompt, history in zip(prompts, histories):
+      out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+      first = torch.log_softmax(out.logits[0, -1], -1)
+      scores = torch.empty(len(responses))
+      for items, block, valid in blocks:
+        cache = copy.deepcopy(out.past_key_values)
+        cache.batch_repeat_interleave(block.shape[0])
+        logits = model(input_ids=block, past_key_values=cache, use_cache=True).logits
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, block[:, 1:, None])[..., 0]
+        scores[items] = first[block[:, 0]] + torch.where(valid[:, 1:], logp, 0.0).sum(-1)
+      scores[list(history)] = -float("inf")
+      ranked.append(torch.topk(scores, k).indices.numpy())
+  return np.stack(ranked)
 
 
 if __name__ == "__main__":

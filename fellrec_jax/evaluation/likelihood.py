@@ -2,8 +2,9 @@
 
 score(prompt, item) = sum of log p(token | prompt, earlier tokens) over the item's response tokens (the
 quoted title as the model writes it, then EOS; recommend.response_tokens). Each prompt is encoded once
-(generation.prefill); titles are then run in blocks against the prompt's cached keys and values, which
-every title of the block reads (broadcast, never recomputed or copied per title). A running top-k keeps
+(generation.prefill, the prefix all prompts share once); titles are then run in blocks against the
+prompt's cached keys and values, which every title of the block reads (never recomputed or copied per
+title). A running top-k keeps
 memory at [prompts, title block] scores for any catalog size. Unlike grounding, this ranks with the
 client's adapters: it asks the fine-tuned model directly how likely each item is.
 """
@@ -24,58 +25,38 @@ from fellrec_jax.model import llama as model_lib
 from fellrec_jax.evaluation import topk as topk_lib
 
 
-def _attend_prompt_and_title(q_PxBxTxKxGxH, prompt_k_PxSxKxH, prompt_v_PxSxKxH, prompt_valid_PxS, k_PxBxTxKxH,
-                             v_PxBxTxKxH, causal_BxTxT, scale: float):
-  """Attention of title tokens over their prompt's cache (shared by the B titles) and their own tokens.
-
-  The prompt part is one matmul per (prompt, kv head) over all the titles' queries, which is what makes
-  sharing the cache cheap. Scores in the compute dtype, softmax statistics in float32 (as kernels.attend);
-  the normalisation is applied after the value product.
-  """
-  P, B, T, K, G, H = q_PxBxTxKxGxH.shape
-  dtype = q_PxBxTxKxGxH.dtype
-  q_PxKxQxH = q_PxBxTxKxGxH.transpose(0, 3, 1, 2, 4, 5).reshape(P, K, B * T * G, H)  # Q = (b, t, g)
-  s_prompt = jnp.einsum("pkqh,pskh->pkqs", q_PxKxQxH, prompt_k_PxSxKxH).astype(jnp.float32) * scale
-  s_prompt = jnp.where(prompt_valid_PxS[:, None, None, :], s_prompt, -jnp.inf)
-  s_title = jnp.einsum("pbtkgh,pbskh->pkbtgs", q_PxBxTxKxGxH, k_PxBxTxKxH).astype(jnp.float32) * scale
-  s_title = jnp.where(causal_BxTxT[None, None, :, :, None, :], s_title, -jnp.inf).reshape(P, K, B * T * G, T)
-  # Every query sees at least its own token, so the max is finite.
-  top = jnp.maximum(s_prompt.max(-1, keepdims=True), s_title.max(-1, keepdims=True))
-  e_prompt, e_title = jnp.exp(s_prompt - top), jnp.exp(s_title - top)
-  total = e_prompt.sum(-1, keepdims=True) + e_title.sum(-1, keepdims=True)
-  out = jnp.einsum("pkqs,pskh->pkqh", e_prompt.astype(dtype), prompt_v_PxSxKxH)
-  out = out + jnp.einsum("pkbtgs,pbskh->pkbtgh", e_title.astype(dtype).reshape(P, K, B, T, G, T),
-                         v_PxBxTxKxH).reshape(P, K, B * T * G, H)
-  out = (out.astype(jnp.float32) / total).astype(dtype)
-  return out.reshape(P, K, B, T, G, H).transpose(0, 2, 3, 1, 4, 5)
-
-
 def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_logp_PxV, titles_BxT, lengths_B,
                    cfg, lcfg):
   """float32 [P, B]: the summed log-probability of each (right-padded) title after each cached prompt.
 
-  `cache` holds the prompts' keys/values [L, P, S, K, H]; `first_logp_PxV` their next-token log-probs
-  (which score each title's first token); `next_pos_P` the position of a title's first token.
+  `cache` holds the prompts' keys/values (generation.prefill: the shared prefix once, each prompt's own
+  tokens [L, P, S, K, H]); `first_logp_PxV` their next-token log-probs (which score each title's first
+  token); `next_pos_P` the position of a title's first token. Rows are (prompt, title) pairs: every title of
+  a prompt reads that prompt's keys (one matmul per prompt and kv head over all its titles' queries).
   """
   B, T = titles_BxT.shape
-  positions_PxT = next_pos_P[:, None] + jnp.arange(T)[None]
-  cos, sin = kernels.rope_tables(positions_PxT, cfg)
-  cos, sin = cos[:, None], sin[:, None]  # [P, 1, T, Dh]: the same rotation for every title of a prompt
+  P = next_pos_P.shape[0]
+  positions_RxT = jnp.repeat(next_pos_P[:, None] + jnp.arange(T)[None], B, axis=0)
+  cos, sin = kernels.rope_tables(positions_RxT, cfg)
   valid_BxT = jnp.arange(T)[None] < lengths_B[:, None]
   causal_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+  own_mask = jnp.broadcast_to(causal_BxTxT[None], (P, B, T, T)).reshape(P * B, 1, T, T)
+  prompt_mask = cache.prompt_valid[:, None, None, :]
   x = model_lib.embed(base, titles_BxT, cfg)
-  x = jnp.broadcast_to(x[None], (next_pos_P.shape[0], *x.shape))
+  x = jnp.broadcast_to(x[None], (P, *x.shape)).reshape(P * B, T, -1)
 
-  def body(x, xs):
-    layer, layer_adapters, prompt_k, prompt_v = xs
-    attention = lambda q, k, v: (_attend_prompt_and_title(q, prompt_k, prompt_v, cache.key_valid, k, v,
-                                                          causal_BxTxT, cfg.head_dim ** -0.5), None)
-    return model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
+  def layer_fn(x, index, layer, layer_adapters):
+    def attention(q, k, v):
+      segments = generation.prefix_segment(cache.prefix, index) + [
+          (cache.prompt_k[index], cache.prompt_v[index], prompt_mask), (k, v, own_mask)]
+      return generation.attend_segments(q, segments, cfg.head_dim ** -0.5), None
 
-  x, _ = jax.lax.scan(body, x, (base["layers"], adapters.get("layers", {}), cache.k, cache.v))
+    return model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)[0]
+
+  x = generation.over_layers(layer_fn, x, base, adapters, cfg.num_layers)
   # Position t predicts token t+1; the last position predicts nothing we score.
-  h = model_lib.final_norm(base, x[:, :, :-1], cfg)
-  logits_PxBxTxV = model_lib.lm_logits(base, h, cfg)
+  h = model_lib.final_norm(base, x[:, :-1], cfg)
+  logits_PxBxTxV = model_lib.lm_logits(base, h, cfg).reshape(P, B, T - 1, -1)
   target = jnp.broadcast_to(titles_BxT[None, :, 1:, None], (*logits_PxBxTxV.shape[:-1], 1))
   later = jnp.take_along_axis(logits_PxBxTxV, target, axis=-1)[..., 0] - jax.nn.logsumexp(logits_PxBxTxV, axis=-1)
   later = jnp.sum(jnp.where(valid_BxT[None, :, 1:], later, 0.0), axis=-1)
@@ -83,8 +64,8 @@ def title_logprobs(base, adapters, cache: generation.Cache, next_pos_P, first_lo
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
-def _prefill(base, adapters, prompt_PxT, mask_PxT, *, cfg, lcfg):
-  logits, cache, next_pos = generation.prefill(base, adapters, prompt_PxT, mask_PxT, cfg, lcfg, 0)
+def _prefill(base, adapters, prompt_PxT, mask_PxT, prefix, *, cfg, lcfg):
+  logits, cache, next_pos = generation.prefill(base, adapters, prompt_PxT, mask_PxT, cfg, lcfg, 0, 1, prefix)
   return jax.nn.log_softmax(logits, axis=-1), cache, next_pos
 
 
@@ -100,15 +81,17 @@ def _score_block(best, base, adapters, cache, next_pos_P, first_logp_PxV, titles
 
 def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]],
                        responses: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]], k: int, *,
-                       prompt_batch: int = 8, title_tokens: int = 512,
-                       pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                       prompt_batch: int = 8, title_tokens: int = 512, pad_id: int = 0,
+                       prefix_length: int | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
   """(item ids int64 [N, k], their log-probabilities float32 [N, k]), best first, history excluded.
 
   prompts: token lists ending with "### Response:\\n" (BOS, no EOS); responses: item i's response tokens
-  (EOS included); exclude: per prompt, items never to rank. Prompts go in batches of `prompt_batch`, all
-  left-padded to one length; titles are sorted by length and cut into blocks of about `title_tokens`
-  padded tokens (memory: prompt_batch x title_tokens x vocab logits), so shapes, and compilations, stay
-  few. Ties go to the shorter title.
+  (EOS included); exclude: per prompt, items never to rank. The prompts' first `prefix_length` tokens
+  (default: all they share, generation.common_prefix_length) are encoded once; the rest go in batches of
+  `prompt_batch` sorted by length, all left-padded to one length; titles are sorted by length and cut into
+  blocks of about `title_tokens` padded tokens (memory: prompt_batch x title_tokens x vocab logits), so
+  shapes, and compilations, stay few. Ties go to the shorter title. `progress(n)` is called after each
+  batch of n prompts.
   """
   if len(exclude) != len(prompts):
     raise ValueError(f"{len(prompts)} prompts but {len(exclude)} exclusion lists")
@@ -121,14 +104,15 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
   blocks = [_title_block(responses, order[start:stop], width, rows, pad_id) + (start,)
             for start, stop, width, rows in _title_blocks(lengths[order], title_tokens)]
 
-  prompt_order = np.argsort([len(p) for p in prompts], kind="stable")
-  length = grounding.padded_length(max(len(p) for p in prompts))
+  prefix, suffixes = generation.split_prefix(base, adapters, cfg, lcfg, prompts, prefix_length)
+  prompt_order = np.argsort([len(p) for p in suffixes], kind="stable")
+  length = grounding.padded_length(max(len(p) for p in suffixes))
   ranked = np.zeros((len(prompts), k), np.int64)
   scores = np.zeros((len(prompts), k), np.float32)
   for start in range(0, len(prompts), prompt_batch):
     index = prompt_order[start:start + prompt_batch]
-    ids, mask = grounding.left_pad([prompts[i] for i in index], length, prompt_batch, pad_id)
-    first_logp, cache, next_pos = _prefill(base, adapters, ids, mask, cfg=cfg, lcfg=lcfg)
+    ids, mask = grounding.left_pad([suffixes[i] for i in index], length, prompt_batch, pad_id)
+    first_logp, cache, next_pos = _prefill(base, adapters, ids, mask, prefix, cfg=cfg, lcfg=lcfg)
     exclude_PxH = np.full((prompt_batch, exclude_NxH.shape[1]), topk_lib.NO_ITEM, np.int32)
     exclude_PxH[:len(index)] = exclude_NxH[index]
     best = topk_lib.init_topk(prompt_batch, k)
@@ -137,6 +121,8 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
                           offset, exclude_PxH, cfg=cfg, lcfg=lcfg, k=k)
     ranked[index] = topk_lib.finalize(*best)[:len(index)]
     scores[index] = np.asarray(best[0])[:len(index)]
+    if progress is not None:
+      progress(len(index))
   return ranked, scores
 
 

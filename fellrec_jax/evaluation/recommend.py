@@ -113,42 +113,51 @@ def response_tokens(tokenizer, prompts: str | Sequence[str], titles: Sequence[st
 
 def beam_generate(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]], *, num_beams: int,
                   max_new_tokens: int, batch_size: int, eos_id: int, pad_id: int,
-                  trie: trie_lib.Trie | None = None) -> list[np.ndarray]:
-  """The top beam's generated tokens (EOS included when reached) of each prompt.
+                  trie: trie_lib.Trie | None = None, prefix_length: int | None = None,
+                  progress=None) -> list[np.ndarray]:
+  """The top beam's generated tokens (EOS included when reached) of each prompt, in the prompts' order.
 
-  Prompts are sorted by length and left-padded in batches of `batch_size` rows to
-  `grounding.padded_length`; padding does not change the result (positions count real tokens, as
-  transformers' generate does).
+  The prompts' first `prefix_length` tokens (default: all they share, the instruction template) are
+  encoded once; the rest are sorted by length and left-padded in batches of `batch_size` rows to
+  `grounding.padded_length`. Neither changes the result (positions count real tokens, as transformers'
+  generate does). `progress(n)` is called after each batch of n prompts.
   """
-  order = np.argsort([len(p) for p in prompts], kind="stable")
+  prefix, suffixes = generation.split_prefix(base, adapters, cfg, lcfg, prompts, prefix_length)
+  order = np.argsort([len(p) for p in suffixes], kind="stable")
   out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
   for start in range(0, len(prompts), batch_size):
     index = order[start:start + batch_size]
-    length = grounding.padded_length(max(len(prompts[i]) for i in index))
-    ids, mask = grounding.left_pad([prompts[i] for i in index], length, batch_size, pad_id)
+    length = grounding.padded_length(max(len(suffixes[i]) for i in index))
+    ids, mask = grounding.left_pad([suffixes[i] for i in index], length, batch_size, pad_id)
     result = generation.beam_search(base, adapters, ids, mask, cfg=cfg, lcfg=lcfg, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, trie=trie)
+                                    num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, trie=trie, prefix=prefix)
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     for row, i in enumerate(index):
       out[i] = tokens[row, :lengths[row]]
+    if progress is not None:
+      progress(len(index))
   return out
 
 
 def generate_responses(base, adapters, cfg, lcfg, tokenizer, prompts: Sequence[Sequence[int]],
-                       rcfg: RankingConfig = RankingConfig()) -> list[str]:
+                       rcfg: RankingConfig = RankingConfig(), prefix_length: int | None = None,
+                       progress=None) -> list[str]:
   """The predicted title (`response_text`) of each prompt, by beam search with the given adapters."""
   generated = beam_generate(base, adapters, cfg, lcfg, prompts, num_beams=rcfg.num_beams,
                             max_new_tokens=rcfg.max_new_tokens, batch_size=rcfg.generation_batch,
-                            eos_id=tokenizer.eos_token_id, pad_id=_pad_id(tokenizer))
+                            eos_id=tokenizer.eos_token_id, pad_id=_pad_id(tokenizer), prefix_length=prefix_length,
+                            progress=progress)
   return [response_text(tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in generated]
 
 
 def constrained_items(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int]], catalog: Catalog, *,
-                      num_beams: int, batch_size: int, eos_id: int, pad_id: int) -> np.ndarray:
+                      num_beams: int, batch_size: int, eos_id: int, pad_id: int, prefix_length: int | None = None,
+                      progress=None) -> np.ndarray:
   """int64 [N]: the item of the top beam of a search restricted to catalog responses (-1: none finished)."""
   longest = max(len(r) for r in catalog.responses)  # every title can finish: its EOS fits
   generated = beam_generate(base, adapters, cfg, lcfg, prompts, num_beams=num_beams, max_new_tokens=longest,
-                            batch_size=batch_size, eos_id=eos_id, pad_id=pad_id, trie=catalog.trie)
+                            batch_size=batch_size, eos_id=eos_id, pad_id=pad_id, trie=catalog.trie,
+                            prefix_length=prefix_length, progress=progress)
   return trie_lib.lookup(catalog.trie, generated)
 
 
@@ -195,24 +204,31 @@ class Ranking(NamedTuple):
 
 
 def rank_client(base, adapters, cfg, lcfg, tokenizer, catalog: Catalog, prompts: Sequence[Sequence[int]],
-                histories: Sequence[Sequence[int]], rcfg: RankingConfig = RankingConfig()) -> Ranking:
-  """Rank the catalog for one client's test prompts with that client's adapters (history excluded)."""
+                histories: Sequence[Sequence[int]], rcfg: RankingConfig = RankingConfig(),
+                prefix_length: int | None = None, progress=None) -> Ranking:
+  """Rank the catalog for one client's test prompts with that client's adapters (history excluded).
+
+  prefix_length: how many leading tokens all prompts share (encoded once; default: found from `prompts`);
+  progress(n): called after each batch of n prompts.
+  """
   k = max(rcfg.ks)
   eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
+  shared = dict(prefix_length=prefix_length, progress=progress)
   if rcfg.mode == "likelihood":
     items, _ = likelihood.rank_by_likelihood(
         base, adapters, cfg, lcfg, prompts, catalog.responses, histories, k,
-        prompt_batch=rcfg.likelihood_prompt_batch, title_tokens=rcfg.likelihood_title_tokens, pad_id=pad_id)
+        prompt_batch=rcfg.likelihood_prompt_batch, title_tokens=rcfg.likelihood_title_tokens, pad_id=pad_id,
+        **shared)
     return Ranking(items, [catalog.titles[i] if i >= 0 else "" for i in items[:, 0]])
   if rcfg.mode == "constrained":
     chosen = constrained_items(base, adapters, cfg, lcfg, prompts, catalog, num_beams=rcfg.num_beams,
-                               batch_size=rcfg.generation_batch, eos_id=eos_id, pad_id=pad_id)
+                               batch_size=rcfg.generation_batch, eos_id=eos_id, pad_id=pad_id, **shared)
     predictions = [catalog.titles[i] if i >= 0 else "" for i in chosen]
     pred_emb = catalog.item_embeddings[np.maximum(chosen, 0)]
     if (chosen < 0).any():  # no beam finished a title (cannot happen with full-length beams): embed ""
       pred_emb[chosen < 0] = _embed(base, cfg, tokenizer, [""], rcfg)[0]
   else:
-    predictions = generate_responses(base, adapters, cfg, lcfg, tokenizer, prompts, rcfg)
+    predictions = generate_responses(base, adapters, cfg, lcfg, tokenizer, prompts, rcfg, **shared)
     pred_emb = _embed(base, cfg, tokenizer, predictions, rcfg)
   items = grounding.rank_by_distance(pred_emb, catalog.item_embeddings, histories, k, block=rcfg.distance_block)
   return Ranking(items, predictions)
@@ -248,16 +264,21 @@ def rank_clients(base, cfg, lcfg, tokenizer, catalog: Catalog, client_adapters, 
   """
   clients = range(len(client_cases)) if clients is None else clients
   todo = [int(c) for c in clients if client_cases[c]]
+  # The instruction template every prompt starts with: one prefix length for all clients (one compiled shape).
+  shared = generation.common_prefix_length([case.prompt_ids for c in todo for case in client_cases[c]])
   results = {}
-  for client in tqdm(todo, desc="evaluating clients", unit="client", disable=len(todo) < 2):
-    cases = client_cases[client]
-    adapters = client_adapters[client] if isinstance(client_adapters, (list, tuple)) else select_client(
-        client_adapters, client)
-    ranking = rank_client(base, adapters, cfg, lcfg, tokenizer, catalog, [c.prompt_ids for c in cases],
-                          [c.history_item_ids for c in cases], rcfg)
-    truth = [c.target_item_ids for c in cases]
-    results[client] = ClientResult(metrics.topk_metrics(ranking.items, truth, rcfg.ks),
-                                   sum(1 for t in truth if len(t)), ranking)
+  with tqdm(total=sum(len(client_cases[c]) for c in todo), desc=f"evaluating ({rcfg.mode})", unit="prompt",
+            disable=not todo) as bar:
+    for client in todo:
+      bar.set_postfix(client=client)
+      cases = client_cases[client]
+      adapters = client_adapters[client] if isinstance(client_adapters, (list, tuple)) else select_client(
+          client_adapters, client)
+      ranking = rank_client(base, adapters, cfg, lcfg, tokenizer, catalog, [c.prompt_ids for c in cases],
+                            [c.history_item_ids for c in cases], rcfg, prefix_length=shared, progress=bar.update)
+      truth = [c.target_item_ids for c in cases]
+      results[client] = ClientResult(metrics.topk_metrics(ranking.items, truth, rcfg.ks),
+                                     sum(1 for t in truth if len(t)), ranking)
   return results
 
 

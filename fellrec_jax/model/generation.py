@@ -1,11 +1,19 @@
 """Jitted generation with a KV cache: greedy and beam search, token for token as transformers' generate.
 
-Prompts are a left-padded batch [B, Tp] with an attention mask. The cache holds keys and values of every
-layer for Tp + max_new_tokens positions; all rows write at the same index (left padding), and a key is
-visible when it holds a real token at or before the query. Positions follow transformers:
-cumsum(attention_mask) - 1. Beam search reproduces transformers' vectorised `_beam_search` (top 2*beams
-candidates, finished hypotheses scored by sum_logprobs / generated_length ** length_penalty, the
-early-stop heuristic of `early_stopping=False`), including its -1e9 float32 sentinels.
+Prompts are a left-padded batch [B, Tp] with an attention mask, optionally after a prefix of tokens that
+every prompt shares (the instruction template), encoded once (`encode_prefix`) and reused by every batch.
+The cache keeps three segments of keys and values, each stored once for the rows that read it:
+
+  prefix     [P, ...]        shared by every row of every batch
+  prompt     [B, Tp, ...]    one per prompt, shared by its beams (never reordered)
+  generated  [B, N, M, ...]  one slot per beam and new token; beams are never moved in memory: each beam
+                             reads its history through `ancestry` (which beam slot wrote each step)
+
+Positions follow transformers: cumsum(attention_mask) - 1 over prefix + prompt, so the split into prefix
+and prompt does not change the result. Beam search reproduces transformers' vectorised `_beam_search`
+(top 2*beams candidates, finished hypotheses scored by sum_logprobs / generated_length ** length_penalty,
+the early-stop heuristic of `early_stopping=False`), including its -1e9 float32 sentinels; a batch stops as
+soon as every prompt is done.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fellrec_jax.model import kernels
 from fellrec_jax.model import lora as lora_lib
@@ -24,11 +33,22 @@ from fellrec_jax.model import trie as trie_lib
 NEG = -1.0e9  # transformers' sentinel for "not selectable"
 
 
+class Prefix(NamedTuple):
+  """Keys and values of the tokens every prompt starts with (P may be 0)."""
+
+  k: jax.Array  # [L, P, K, H]
+  v: jax.Array  # [L, P, K, H]
+
+
 class Cache(NamedTuple):
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
-  key_valid: jax.Array  # [B, S] bool: the position holds a real token
-  index: jax.Array  # int32 scalar: the next position to write
+  prefix: Prefix
+  prompt_k: jax.Array  # [L, B, Tp, K, H]
+  prompt_v: jax.Array  # [L, B, Tp, K, H]
+  prompt_valid: jax.Array  # [B, Tp] bool: the position holds a real token
+  k: jax.Array  # [L, B, N, M, K, H] generated tokens, slot (beam, step)
+  v: jax.Array  # [L, B, N, M, K, H]
+  ancestry: jax.Array  # [B, N, M] int32: the beam slot holding each earlier step of each beam
+  index: jax.Array  # int32 scalar: the next step to write
 
 
 class Output(NamedTuple):
@@ -37,56 +57,188 @@ class Output(NamedTuple):
   scores: jax.Array  # [B] transformers' sequence score (beam search) or sum of log-probs (greedy)
 
 
-def init_cache(cfg: model_lib.LlamaConfig, batch: int, length: int) -> Cache:
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  zeros = jnp.zeros(shape, cfg.compute_dtype)
-  return Cache(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+def common_prefix_length(token_lists) -> int:
+  """The number of leading tokens all lists share, leaving every list at least one token of its own."""
+  if not token_lists:
+    return 0
+  first, shortest = token_lists[0], min(len(t) for t in token_lists)
+  n = 0
+  while n < shortest - 1 and all(t[n] == first[n] for t in token_lists):
+    n += 1
+  return n
 
 
-def decode(base, adapters, tokens, positions, new_valid, cache: Cache, cfg, lcfg):
-  """Run new tokens [B, T] through the model with the cache; (logits of the last token [B, V], cache).
+# ----------------------------------------------------------------------------------------------------
+# Attention over segments of keys shared by groups of rows
 
-  Each layer writes the new tokens' keys/values at `cache.index`, then attends over the whole cache.
+
+def attend_segments(q_RxTxKxGxH, segments, scale: float):
+  """Softmax attention of queries over several key/value segments, each stored once per group of rows.
+
+  A segment is (k [Rk, S, K, H], v [Rk, S, K, H], mask): the R query rows form Rk groups of R // Rk
+  consecutive rows that read the same keys (Rk = 1: every row); mask broadcasts to [Rk, R // Rk, T, S]
+  (None: every key visible). Scores in the compute dtype, softmax over all segments in float32 (as
+  kernels.attend); a segment's keys are read once per group, never copied per row.
   """
-  T = tokens.shape[1]
-  key_valid = jax.lax.dynamic_update_slice(cache.key_valid, new_valid, (0, cache.index))
-  query_index = cache.index + jnp.arange(T)
-  causal = jnp.arange(key_valid.shape[1])[None, :] <= query_index[:, None]
-  mask = key_valid[:, None, :] & causal[None]
-  cos, sin = kernels.rope_tables(positions, cfg)
+  R, T, K, G, H = q_RxTxKxGxH.shape
+  dtype = q_RxTxKxGxH.dtype
+  q_RxTxKxGxH = q_RxTxKxGxH * jnp.asarray(scale, dtype)
+  scores, widths = [], []
+  for k, v, mask in segments:
+    Rk, S = k.shape[:2]
+    q = q_RxTxKxGxH.reshape(Rk, R // Rk, T, K, G, H)
+    s = jnp.einsum("rntkgh,rskh->rkntgs", q, k)
+    if mask is not None:
+      s = jnp.where(jnp.broadcast_to(mask, (Rk, R // Rk, T, S))[:, None, :, :, None, :], s, jnp.finfo(dtype).min)
+    scores.append(s.transpose(0, 2, 1, 3, 4, 5).reshape(R, K, T, G, S))
+    widths.append(S)
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1).astype(jnp.float32), axis=-1).astype(dtype)
+  out, start = 0.0, 0
+  for (k, v, _), S in zip(segments, widths):
+    Rk = k.shape[0]
+    p = probs[..., start:start + S].reshape(Rk, R // Rk, K, T, G, S)
+    out = out + jnp.einsum("rnktgs,rskh->rntkgh", p, v).reshape(R, T, K, G, H)
+    start += S
+  return out
 
-  def body(x, xs):
-    layer, layer_adapters, k_cache, v_cache = xs
 
-    def cached_attention(q, k, v):
-      k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
-      return kernels.attend(q, [(k_all, v_all, mask, False)], cfg.head_dim ** -0.5), (k_all, v_all)
-
-    return model_lib.decoder_layer(x, layer, layer_adapters, cached_attention, cos, sin, cfg, lcfg)
-
-  x = model_lib.embed(base, tokens, cfg)
-  x, (k, v) = jax.lax.scan(body, x, (base["layers"], adapters.get("layers", {}), cache.k, cache.v))
-  h = model_lib.final_norm(base, x[:, -1], cfg)
-  return model_lib.lm_logits(base, h, cfg), Cache(k, v, key_valid, cache.index + T)
+def prefix_segment(prefix: Prefix, layer):
+  return [] if prefix.k.shape[1] == 0 else [(prefix.k[layer][None], prefix.v[layer][None], None)]
 
 
-def prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens: int):
-  """Encode left-padded prompts; (last logits [B, V], cache, next positions [B])."""
+def over_layers(layer_fn, carry, base, adapters, num_layers: int):
+  """carry = layer_fn(carry, index, layer, layer_adapters) over the layers: unrolled up to
+  model_lib.UNROLL_LAYERS (static indices), else a scan (the cache in the carry, updated in place)."""
+  layers, adapter_layers = base["layers"], adapters.get("layers", {})
+  if num_layers <= model_lib.UNROLL_LAYERS:
+    for index in range(num_layers):
+      carry = layer_fn(carry, index, model_lib.take_layer(layers, index), model_lib.take_layer(adapter_layers, index))
+    return carry
+  body = lambda c, xs: (layer_fn(c, *xs), None)
+  return jax.lax.scan(body, carry, (jnp.arange(num_layers), layers, adapter_layers))[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefill and decode
+
+
+def empty_prefix(cfg: model_lib.LlamaConfig) -> Prefix:
+  zeros = jnp.zeros((cfg.num_layers, 0, cfg.num_kv_heads, cfg.head_dim), cfg.compute_dtype)
+  return Prefix(zeros, zeros)
+
+
+def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefix, cfg, lcfg):
+  """Run whole sequences [B, T] after the prefix: (final-normed last hidden state [B, D], keys and values
+  [L, B, T, K, H] of every position)."""
+  B, T = tokens_BxT.shape
+  cos, sin = kernels.rope_tables(positions_BxT, cfg)
+  shape = (cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim)
+  empty = jnp.zeros(shape, cfg.compute_dtype)
+
+  def layer_fn(carry, index, layer, layer_adapters):
+    x, k_all, v_all = carry
+
+    def attention(q, k, v):
+      segments = prefix_segment(prefix, index) + [(k, v, mask_BxTxT[:, None])]
+      return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
+
+    x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
+    return x, k_all.at[index].set(k.astype(k_all.dtype)), v_all.at[index].set(v.astype(v_all.dtype))
+
+  x, k_all, v_all = over_layers(layer_fn, (model_lib.embed(base, tokens_BxT, cfg), empty, empty), base, adapters,
+                                 cfg.num_layers)
+  return model_lib.final_norm(base, x[:, -1], cfg), k_all, v_all
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
+def encode_prefix(base, adapters, prefix_tokens, *, cfg: model_lib.LlamaConfig, lcfg: lora_lib.LoraConfig) -> Prefix:
+  """The keys and values of prefix tokens [P] at positions 0..P-1 (computed once, read by every batch)."""
+  P = prefix_tokens.shape[0]
+  if P == 0:
+    return empty_prefix(cfg)
+  positions = jnp.arange(P, dtype=jnp.int32)[None]
+  causal = jnp.tril(jnp.ones((P, P), bool))[None]
+  _, k, v = _encode(base, adapters, prefix_tokens[None], positions, causal, empty_prefix(cfg), cfg, lcfg)
+  return Prefix(k[:, 0], v[:, 0])
+
+
+def split_prefix(base, adapters, cfg, lcfg, prompts, prefix_length: int | None = None):
+  """(encoded prefix, the prompts without it): the first `prefix_length` tokens (default: all the prompts
+  share, `common_prefix_length`) encoded once with these adapters."""
+  shared = common_prefix_length(prompts) if prefix_length is None else int(prefix_length)
+  head = np.asarray(prompts[0][:shared], np.int32) if len(prompts) else np.zeros(0, np.int32)
+  for row, tokens in enumerate(prompts):
+    if len(tokens) <= shared or not np.array_equal(np.asarray(tokens[:shared], np.int32), head):
+      raise ValueError(f"prompt {row} does not start with the {shared} shared prefix tokens and one more")
+  return encode_prefix(base, adapters, jnp.asarray(head), cfg=cfg, lcfg=lcfg), [t[shared:] for t in prompts]
+
+
+def prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens: int, num_beams: int = 1,
+            prefix: Prefix | None = None):
+  """Encode left-padded prompts [B, Tp] after the prefix; (last logits [B, V], cache for `num_beams` beams
+  of `max_new_tokens` steps, positions of the first new token [B])."""
+  prefix = empty_prefix(cfg) if prefix is None else prefix
   B, Tp = prompt.shape
-  mask = attention_mask.astype(bool)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-  cache = init_cache(cfg, B, Tp + max_new_tokens)
-  logits, cache = decode(base, adapters, prompt, positions, mask, cache, cfg, lcfg)
-  return logits, cache, jnp.sum(mask, axis=-1).astype(jnp.int32)
+  valid = attention_mask.astype(bool)
+  P = prefix.k.shape[1]
+  positions = (P + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)).astype(jnp.int32)
+  mask = valid[:, None, :] & jnp.tril(jnp.ones((Tp, Tp), bool))[None]
+  h, k, v = _encode(base, adapters, prompt, positions, mask, prefix, cfg, lcfg)
+  shape = (cfg.num_layers, B, num_beams, max_new_tokens, cfg.num_kv_heads, cfg.head_dim)
+  zeros = jnp.zeros(shape, cfg.compute_dtype)
+  ancestry = jnp.broadcast_to(jnp.arange(num_beams, dtype=jnp.int32)[None, :, None], (B, num_beams, max_new_tokens))
+  cache = Cache(prefix, k, v, valid, zeros, zeros, ancestry, jnp.zeros((), jnp.int32))
+  return model_lib.lm_logits(base, h, cfg), cache, (P + jnp.sum(valid, axis=-1)).astype(jnp.int32)
+
+
+def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
+  """One new token per beam (rows R = B * N, beam-major within a prompt) through the model with the
+  cache; (logits [R, V], cache with the token's keys and values written at step `cache.index`)."""
+  B, N, M = cache.ancestry.shape
+  cos, sin = kernels.rope_tables(positions_R[:, None], cfg)
+  prompt_mask = cache.prompt_valid[:, None, None, :]  # [B, 1, 1, Tp]: every beam of a prompt reads it
+  # Beam n reads step t from the slot of beam ancestry[n, t], up to and including the current step.
+  own = cache.ancestry[:, :, None, :] == jnp.arange(N, dtype=jnp.int32)[None, None, :, None]  # [B, N, N', M]
+  own = own & (jnp.arange(M) <= cache.index)
+  generated_mask = own.reshape(B, N, 1, N * M)
+
+  def layer_fn(carry, index, layer, layer_adapters):
+    x, k_cache, v_cache = carry
+
+    def attention(q, k, v):
+      at = (index, 0, 0, cache.index, 0, 0)
+      k_cache_ = jax.lax.dynamic_update_slice(k_cache, k.reshape(1, B, N, 1, *k.shape[2:]).astype(k_cache.dtype), at)
+      v_cache_ = jax.lax.dynamic_update_slice(v_cache, v.reshape(1, B, N, 1, *v.shape[2:]).astype(v_cache.dtype), at)
+      layer_k, layer_v = k_cache_[index], v_cache_[index]
+      segments = prefix_segment(cache.prefix, index) + [
+          (cache.prompt_k[index], cache.prompt_v[index], prompt_mask),
+          (layer_k.reshape(B, N * M, *k.shape[2:]), layer_v.reshape(B, N * M, *v.shape[2:]), generated_mask)]
+      return attend_segments(q, segments, cfg.head_dim ** -0.5), (k_cache_, v_cache_)
+
+    x, (k_cache, v_cache) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
+    return x, k_cache, v_cache
+
+  x = model_lib.embed(base, tokens_R[:, None], cfg)
+  x, k, v = over_layers(layer_fn, (x, cache.k, cache.v), base, adapters, cfg.num_layers)
+  logits = model_lib.lm_logits(base, model_lib.final_norm(base, x[:, -1], cfg), cfg)
+  return logits, cache._replace(k=k, v=v, index=cache.index + 1)
+
+
+def _reorder(cache: Cache, src_BxN) -> Cache:
+  """The cache after beams were replaced by copies of beams src (within each prompt): only the
+  ancestry moves; the new step will be written in each beam's own slot."""
+  ancestry = jnp.take_along_axis(cache.ancestry, src_BxN[:, :, None], axis=1)
+  step = jnp.arange(cache.ancestry.shape[2]) == cache.index
+  return cache._replace(ancestry=jnp.where(step, jnp.arange(src_BxN.shape[1], dtype=jnp.int32)[None, :, None],
+                                           ancestry))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "max_new_tokens", "eos_id", "pad_id"))
 def greedy(base, adapters, prompt, attention_mask, *, cfg: model_lib.LlamaConfig, lcfg: lora_lib.LoraConfig,
-           max_new_tokens: int, eos_id: int, pad_id: int) -> Output:
+           max_new_tokens: int, eos_id: int, pad_id: int, prefix: Prefix | None = None) -> Output:
   """Greedy decoding (transformers' `generate(do_sample=False, num_beams=1)`)."""
   B = prompt.shape[0]
-  logits, cache, next_pos = prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens)
+  logits, cache, next_pos = prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens, 1, prefix)
 
   def cond(state):
     step, _, _, finished, _, _, _, _ = state
@@ -100,8 +252,7 @@ def greedy(base, adapters, prompt, attention_mask, *, cfg: model_lib.LlamaConfig
     tokens = tokens.at[:, step].set(token)
     lengths = lengths + (~finished).astype(jnp.int32)
     finished = finished | (token == eos_id)
-    logits, cache = decode(base, adapters, token[:, None], pos[:, None], jnp.ones((B, 1), bool), cache, cfg,
-                           lcfg)
+    logits, cache = decode(base, adapters, token, pos, cache, cfg, lcfg)
     return step + 1, logits, cache, finished, tokens, lengths, scores, pos + 1
 
   tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
@@ -136,18 +287,18 @@ def _gather(x, idx):
                                              "length_penalty"))
 def beam_search(base, adapters, prompt, attention_mask, *, cfg: model_lib.LlamaConfig,
                 lcfg: lora_lib.LoraConfig, max_new_tokens: int, num_beams: int, eos_id: int, pad_id: int,
-                length_penalty: float = 1.0, trie: trie_lib.Trie | None = None) -> Output:
+                length_penalty: float = 1.0, trie: trie_lib.Trie | None = None,
+                prefix: Prefix | None = None) -> Output:
   """Beam search as transformers' `generate(num_beams=N, do_sample=False, early_stopping=False)`.
 
-  With a `trie`, each beam may only continue a sequence of the trie (as transformers'
-  `prefix_allowed_tokens_fn`: other tokens' log-probs become -inf, without renormalising).
+  `prefix` (from `encode_prefix`): tokens every prompt starts with, left out of `prompt`. With a `trie`,
+  each beam may only continue a sequence of the trie (as transformers' `prefix_allowed_tokens_fn`: other
+  tokens' log-probs become -inf, without renormalising).
   """
   B, Tp = prompt.shape
   N, M = num_beams, max_new_tokens
-  logits, cache, next_pos = prefill(base, adapters, prompt, attention_mask, cfg, lcfg, M)
+  logits, cache, next_pos = prefill(base, adapters, prompt, attention_mask, cfg, lcfg, M, N, prefix)
   expand = lambda x: jnp.repeat(x, N, axis=0)
-  cache = Cache(jnp.repeat(cache.k, N, axis=1), jnp.repeat(cache.v, N, axis=1), expand(cache.key_valid),
-                cache.index)
   empty = jnp.full((B, N, M), pad_id, jnp.int32)
   state = _BeamState(
       cur=jnp.int32(0), logits=expand(logits), cache=cache, running=empty,
@@ -191,14 +342,13 @@ def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penal
   finished_lengths = _gather(jnp.concatenate([s.finished_lengths, jnp.full((B, K), s.cur + 1)], axis=1), best)
   is_finished = _gather(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
 
-  # Reorder the cache to the surviving beams and compute their next-token logits.
+  # The surviving beams' histories (the cache itself is not moved) and their next-token logits; all beams
+  # of a prompt are at the same position.
+  cache = _reorder(s.cache, running_src)
+  new_tokens = running[:, :, s.cur].reshape(-1)
   flat_src = (running_src + jnp.arange(B)[:, None] * N).reshape(-1)
-  cache = Cache(s.cache.k[:, flat_src], s.cache.v[:, flat_src], s.cache.key_valid[flat_src], s.cache.index)
-  positions = s.positions[flat_src]
-  new_tokens = running[:, :, s.cur].reshape(-1, 1)
-  nodes = s.nodes if trie is None else trie_lib.advance(trie, s.nodes[flat_src], new_tokens[:, 0])
-  logits, cache = decode(base, adapters, new_tokens, positions[:, None], jnp.ones((B * N, 1), bool), cache,
-                         cfg, lcfg)
+  nodes = s.nodes if trie is None else trie_lib.advance(trie, s.nodes[flat_src], new_tokens)
+  logits, cache = decode(base, adapters, new_tokens, s.positions, cache, cfg, lcfg)
 
   cur = s.cur + 1
   best_running = running_scores[:, :1] / (cur.astype(jnp.float32) ** length_penalty)
@@ -206,4 +356,4 @@ def _beam_step(s: _BeamState, *, base, adapters, cfg, lcfg, eos_id, length_penal
   improvable = s.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
   done = ~jnp.any(improvable) | jnp.all(hits) | (cur >= M)
   return _BeamState(cur, logits, cache, running, running_scores, finished, finished_scores, finished_lengths,
-                    is_finished, improvable, positions + 1, done, nodes)
+                    is_finished, improvable, s.positions + 1, done, nodes)
