@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -46,8 +47,8 @@ def config_import_path(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> Pa
   return Path(value.split(":", 1)[0]).resolve().parent.parent
 
 
-def _importable_configs(argv: Sequence[str]) -> None:
-  root = str(config_import_path(argv))
+def _importable_configs(argv: Sequence[str], default: str = DEFAULT_CONFIG) -> None:
+  root = str(config_import_path(argv, default))
   if root not in sys.path:
     sys.path.insert(0, root)
 
@@ -139,6 +140,40 @@ def compare(argv: Sequence[str] | None = None) -> None:
     _run(comparison.compare, config, workdir_flag.value, aggregators_flag.value, seeds)
 
   _importable_configs(argv)
+  app.run(main, argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study (experiments/study.py)
+
+STUDY_CONFIG = "configs/study.py"
+
+
+def study(argv: Sequence[str] | None = None) -> None:
+  """experiments/study.py [--config=configs/study.py] [--workdir=runs/study] [--settings=synthetic,games]
+  [--seeds=0,1] [--render_only] [--doc=docs/study.md]."""
+  argv = list(sys.argv if argv is None else argv)
+  config_flag = config_flags.DEFINE_config_file("config", STUDY_CONFIG, "Study config (configs/study.py).")
+  workdir_flag = flags.DEFINE_string("workdir", "runs/study", "Output directory (one folder per setting).")
+  settings_flag = flags.DEFINE_list("settings", [], "Settings to train (default: the study's run_settings).")
+  seeds_flag = flags.DEFINE_list("seeds", [], "Train only these of the study's seeds now (default: all of them).")
+  render_flag = flags.DEFINE_bool("render_only", False, "Train nothing: summarise the finished runs again.")
+  doc_flag = flags.DEFINE_string("doc", "docs/study.md", "Markdown file whose generated part is rewritten "
+                                 "from the results (its images beside it); '' = none.")
+
+  def main(args):
+    _no_arguments(args)
+    # A run's compiled programs are reused by the next runs of the same shapes (the methods of one seed).
+    jax.config.update("jax_compilation_cache_dir", str(Path(workdir_flag.value).resolve() / "jax_cache"))
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    study_config, workdir = config_flag.value, Path(workdir_flag.value)
+    settings = settings_flag.value or list(study_config.run_settings)
+    if not render_flag.value:
+      _run(comparison.run_study, study_config, workdir, settings, [int(s) for s in seeds_flag.value])
+    if doc_flag.value:
+      comparison.render_study(study_config, workdir, settings, doc_flag.value)
+
+  _importable_configs(argv, STUDY_CONFIG)
   app.run(main, argv)
 
 
