@@ -118,13 +118,30 @@ def dropout_keys(rng, token_shape: tuple[int, ...]) -> DropoutKeys:
 
 def lora_dropout(x, rng, rate: float):
   """Inverted dropout of x [..., D] (kept values scaled by 1 / (1 - rate)), as PEFT's lora_dropout, with
-  each token's mask of D values drawn from its own key (`DropoutKeys`; a single key numbers the tokens).
-  Keep is `bits >= rate * 2^32` on uniform 32-bit words: exact to 2^-32, no float conversion."""
+  each token's mask drawn from its own key (`DropoutKeys`; a single key numbers the tokens).
+
+  The token's key is threefry's (jax.random.fold_in of its client's key and its id); its D keep bits are
+  murmur3's 32-bit finaliser of (token key, feature index), `bits >= rate * 2^32`: uniform to the test's
+  precision and ~20x cheaper on a CPU than threefry words for every value, which made dropout cost ~7% of
+  a streamed round.
+  """
   dk = dropout_keys(rng, x.shape[:-1])
   token_keys = jax.vmap(jax.random.fold_in)(dk.keys[dk.owner.reshape(-1)], dk.ids.reshape(-1))
-  bits = jax.vmap(lambda key: jax.random.bits(key, (x.shape[-1],), jnp.uint32))(token_keys)
+  if jnp.issubdtype(token_keys.dtype, jax.dtypes.prng_key):
+    token_keys = jax.random.key_data(token_keys)
+  features = jnp.arange(x.shape[-1], dtype=jnp.uint32) * np.uint32(0x9E3779B9)
+  bits = _mix32(token_keys[:, :1] ^ _mix32(token_keys[:, 1:] + features[None]))
   keep = bits.reshape(x.shape) >= np.uint32(round(rate * 2.0**32))
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), 0).astype(x.dtype)
+
+
+def _mix32(h):
+  """murmur3's 32-bit finaliser (uint32): each input bit flips each output bit with probability ~1/2."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
