@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -14,6 +15,8 @@ import numpy as np
 
 from fellrec_jax.data import batching
 from fellrec_jax.data import pipeline
+from fellrec_jax.data import synthetic
+from fellrec_jax.evaluation import recommend
 from fellrec_jax.federated import optimizer as optimizer_lib
 from fellrec_jax.federated import participation
 from fellrec_jax.federated import sharding
@@ -97,6 +100,73 @@ def validate_config(config) -> None:
                      "client_<c>/ directories)")
   participation.check_config(config)
   tracking.check(config)
+  check_training_fields(config)
+  check_model_fields(config)
+
+
+def check_training_fields(config) -> None:
+  """The data, optimizer, checkpoint and evaluation fields (their types and ranges)."""
+  at_least = {"data.batch_size": 1, "data.cutoff_len": 1, "data.vocab_size": 1, "data.eval_batch_size": 0,
+              "data.max_train_samples": 0, "data.max_valid_samples": 0, "data.row_len": 0, "keep_checkpoints": 1,
+              "train.warmup_steps": 0, "fed.patience": 0, "fed.min_rounds": 0, "max_rounds_per_run": 0,
+              "eval.every": 0, "eval.num_beams": 1, "eval.max_new_tokens": 1, "eval.batch_size": 1,
+              "eval.max_test_users": 0, "model.loss_chunk": 0}
+  for field, low in at_least.items():
+    value = _field(config, field)
+    if value is not _ABSENT and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+      raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
+  for field in ("train.learning_rate", "lora.alpha"):
+    value = _field(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+      raise ValueError(f"{field} must be a number > 0, got {value!r}")
+  if config.train.schedule not in ("linear", "constant"):
+    raise ValueError(f"train.schedule must be 'linear' or 'constant', got {config.train.schedule!r}")
+  if config.eval.mode not in recommend.MODES:
+    raise ValueError(f"eval.mode={config.eval.mode!r} is unknown; choose from {recommend.MODES}")
+  ks = config.eval.ks
+  if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    raise ValueError(f"eval.ks must be cut-offs >= 1, got {ks!r}")
+  if not config.data.path:
+    synthetic.check_config(config.data.synthetic)
+
+
+def check_model_fields(config) -> None:
+  """The model, LoRA and split fields, and the checkpoint's config.json when model.hf_dir is set (nothing
+  is loaded or compiled)."""
+  m = config.model
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  try:
+    lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                        targets=tuple(config.lora.targets))
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"lora: {error}") from None
+  if m.hf_dir:
+    if not Path(m.hf_dir).is_dir():
+      raise ValueError(f"model.hf_dir={m.hf_dir!r}: no such directory (a Hugging Face Llama checkpoint)")
+    num_layers = hf_interop.load_config(m.hf_dir).num_layers
+  else:
+    for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+      if isinstance(m[field], bool) or not isinstance(m[field], int) or m[field] < 1:
+        raise ValueError(f"model.{field} must be an integer >= 1, got {m[field]!r}")
+    if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+      raise ValueError(f"model.num_heads={m.num_heads} must divide model.hidden_size={m.hidden_size}, and "
+                       f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads")
+    num_layers = m.num_layers
+  split_lib.check_split(SimpleNamespace(num_layers=num_layers), config.fed.split_k)
+
+
+_ABSENT = object()
+
+
+def _field(config, dotted: str):
+  """config's value at a dotted path; _ABSENT where a config (e.g. an older run's config.json) lacks it."""
+  node = config
+  for key in dotted.split("."):
+    if key not in node:
+      return _ABSENT
+    node = node[key]
+  return node
 
 
 def setup_logging(workdir: Path) -> None:
@@ -135,11 +205,9 @@ def load_base(config, data: pipeline.FederatedData, workdir: Path):
   """(LlamaConfig, base params): the configured HF checkpoint, or the tiny base pretrained on the titles."""
   tokenizer = data.tokenizer
   if config.model.hf_dir:
-    cfg, base = hf_interop.load_llama(config.model.hf_dir, dtype=config.model.dtype)
-    if len(tokenizer) > cfg.vocab_size:
-      raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {config.model.hf_dir} has vocab_size "
-                       f"{cfg.vocab_size}: set data.tokenizer_path to the checkpoint's tokenizer")
-    return cfg, base
+    cfg = hf_interop.load_config(config.model.hf_dir, dtype=config.model.dtype)
+    check_tokenizer(tokenizer, cfg, config.model.hf_dir)
+    return cfg, hf_interop.load_params(config.model.hf_dir, cfg)
   m = config.model
   cfg = model_lib.LlamaConfig(
       vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -151,6 +219,20 @@ def load_base(config, data: pipeline.FederatedData, workdir: Path):
   return pretrain.load_or_pretrain(p.get("cache_dir") or workdir / "base_model", cfg, tokenizer, data.dataset.catalog,
                                    steps=p.steps, rows=p.rows, row_len=p.row_len,
                                    learning_rate=p.learning_rate, seed=config.seed)
+
+
+def check_tokenizer(tokenizer, cfg: model_lib.LlamaConfig, hf_dir) -> None:
+  """Raise if the run's tokenizer cannot drive the checkpoint's model (ids beyond its vocabulary)."""
+  where = Path(hf_dir) / "config.json"
+  if len(tokenizer) > cfg.vocab_size:
+    raise hf_interop.CheckpointError(
+        f"{where}: vocab_size is {cfg.vocab_size} but the tokenizer has {len(tokenizer)} tokens: set "
+        "data.tokenizer_path to the checkpoint's tokenizer")
+  for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    token = getattr(tokenizer, name, None)
+    if token is not None and not 0 <= token < cfg.vocab_size:
+      raise hf_interop.CheckpointError(f"{where}: the tokenizer's {name} {token} is outside vocab_size "
+                                       f"{cfg.vocab_size}: set data.tokenizer_path to the checkpoint's tokenizer")
 
 
 def local_config(config, model_cfg, lcfg) -> training.LocalConfig:
