@@ -1,5 +1,6 @@
 """Recommendation end to end on a tiny model: response parsing, tokens consistent with training,
-generation equal to BIGRec's transformers procedure, the three ranking modes, and the client report."""
+generation equal to BIGRec's transformers procedure (in the prompts' order whatever the batching), the three
+ranking modes, and the client report."""
 
 from typing import NamedTuple
 
@@ -113,3 +114,20 @@ def test_evaluate_clients_report(shop):
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *adapters)
   again, _ = recommend.evaluate_clients(params, cfg, LCFG, tokenizer, catalog, stacked, cases, rcfg)
   assert again["overall"] == pytest.approx(report["overall"])
+
+
+def test_batches_sorted_by_length_return_results_in_prompt_order(shop):
+  """Generation sorts prompts by length into batches; results come back in the prompts' order, the same
+  whatever the batching, and progress is reported per batch."""
+  tokenizer, hf, cfg, params, texts, prompts = shop
+  kwargs = dict(num_beams=2, max_new_tokens=6, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+  permuted = [prompts[i] for i in (2, 0, 1)]
+  assert sorted(map(len, permuted)) != list(map(len, permuted))  # the batches reorder them
+  # One by one, without a prefix; together, the shared prefix encoded once.
+  one_by_one = [recommend.beam_generate(params, {}, cfg, LCFG, [p], batch_size=1, prefix_length=0, **kwargs)[0]
+                for p in permuted]
+  done = []
+  together = recommend.beam_generate(params, {}, cfg, LCFG, permuted, batch_size=2, progress=done.append, **kwargs)
+  assert done == [2, 1]
+  for got, alone in zip(together, one_by_one):
+    np.testing.assert_array_equal(got, alone)
