@@ -22,6 +22,7 @@ from fellrec_jax.model import lora as lora_lib
 from fellrec_jax.run import adapters as adapters_lib
 from fellrec_jax.run import setup as setup_lib
 from fellrec_jax.run import train
+from test_train import smoke
 
 CheckpointError = hf_interop.CheckpointError
 
@@ -95,14 +96,7 @@ CONFIG_CASES = [
 
 
 def _config(overrides):
-  config = default.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return smoke(**overrides)
 
 
 @pytest.mark.parametrize("overrides,message", CONFIG_CASES, ids=[m[:40] for _, m in CONFIG_CASES])
@@ -128,24 +122,34 @@ def hf_dir(tmp_path_factory):
   return path
 
 
-def _edit_config(**changes):
+def _edit_json(name, **changes):
+  """Set (None: remove) fields of the JSON object in file `name`."""
   def edit(d):
-    raw = json.loads((d / "config.json").read_text())
+    raw = json.loads((d / name).read_text())
     for key, value in changes.items():
       if value is None:
         raw.pop(key, None)
       else:
         raw[key] = value
-    (d / "config.json").write_text(json.dumps(raw))
+    (d / name).write_text(json.dumps(raw))
   return edit
+
+
+def _edit_safetensors(name, edit_dict):
+  """Apply `edit_dict` to the tensors of file `name`."""
+  def edit(d):
+    tensors = load_file(str(d / name))
+    edit_dict(tensors)
+    save_file(tensors, str(d / name), metadata={"format": "pt"})
+  return edit
+
+
+def _edit_config(**changes):
+  return _edit_json("config.json", **changes)
 
 
 def _edit_tensors(edit_dict):
-  def edit(d):
-    tensors = load_file(str(d / "model.safetensors"))
-    edit_dict(tensors)
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-  return edit
+  return _edit_safetensors("model.safetensors", edit_dict)
 
 
 def _shard(index_text=None, shard_names=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")):
@@ -249,23 +253,11 @@ def peft_dir(tmp_path_factory, hf_dir):
 
 
 def _edit_peft(**changes):
-  def edit(d):
-    raw = json.loads((d / "adapter_config.json").read_text())
-    for key, value in changes.items():
-      if value is None:
-        raw.pop(key, None)
-      else:
-        raw[key] = value
-    (d / "adapter_config.json").write_text(json.dumps(raw))
-  return edit
+  return _edit_json("adapter_config.json", **changes)
 
 
 def _edit_peft_tensors(edit_dict):
-  def edit(d):
-    tensors = load_file(str(d / "adapter_model.safetensors"))
-    edit_dict(tensors)
-    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-  return edit
+  return _edit_safetensors("adapter_model.safetensors", edit_dict)
 
 
 def _other_width(d):
