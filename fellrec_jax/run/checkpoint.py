@@ -8,7 +8,7 @@ is refused with a message rather than converted: a run is cheap to restart next 
 would have to follow every future change of the state.
 
 Crashes: Orbax writes a step into a temporary directory and renames it when complete, so a save cut short
-leaves no step (its temporary directory is removed when the manager next opens). A step that is damaged
+leaves no step (a resumed run removes its temporary directory: `remove_unfinished`). A step that is damaged
 all the same (a truncated or corrupted file: a disk error, a copy cut short, a file system without atomic
 renames) is skipped on resume with a warning: the run resumes from the newest readable step, and the
 damaged ones are moved to `damaged_checkpoints/` next to `checkpoints/` (kept for inspection, and out of the
@@ -32,6 +32,7 @@ logger = logging.getLogger("fellrec_jax")
 
 
 LAYOUT_VERSION = 2
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written
 
 
 class ResumeError(ValueError):
@@ -40,7 +41,7 @@ class ResumeError(ValueError):
 
 def manager(directory, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                         create=True, cleanup_tmp_directories=True)
+                                         create=True)
   return ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
 
@@ -123,6 +124,16 @@ def _damaged(mngr: ocp.CheckpointManager, step: int, error: Exception, fatal: bo
     raise ResumeError(f"{where}: damaged checkpoint ({reason})") from error
   logger.warning("%s: damaged checkpoint, skipped for the one before it (%s)", where, reason)
   damaged.append(step)
+
+
+def remove_unfinished(mngr: ocp.CheckpointManager) -> list[Path]:
+  """Delete the temporary directories of saves a crash cut short (a resuming run does this; an evaluation
+  of a run that is still training must not, so the manager itself leaves them)."""
+  stale = sorted(Path(mngr.directory).glob(f"*{TMP_SUFFIX}*"))
+  for path in stale:
+    logger.warning("removing %s: a checkpoint save that did not finish", path)
+    shutil.rmtree(path, ignore_errors=True)
+  return stale
 
 
 def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[Path]:

@@ -3,7 +3,6 @@ and resumed."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,6 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fellrec_jax import files
 from fellrec_jax.federated import heating
 from fellrec_jax.federated import sharding
 from fellrec_jax.federated import training
@@ -95,16 +95,24 @@ def place(run: Run, state: TrainState) -> TrainState:
 def resume_or_init(run: Run, mngr) -> TrainState:
   fresh = init_state(run)
   fingerprint = checkpoint.config_fingerprint(config_dict(run.config), RESUMABLE_FIELDS)
-  restored = checkpoint.restore(mngr, checkpointable(fresh))
+  damaged = []  # steps found unreadable: the run resumes from the newest readable one
+  restored = checkpoint.restore(mngr, checkpointable(fresh), damaged=damaged,
+                                check=lambda meta: checkpoint.check_resumable(meta["config"], fingerprint, run.workdir))
   step = 0 if restored is None else restored[0]
+  if damaged:
+    if distributed.is_main():
+      checkpoint.set_aside(mngr, damaged)
+    distributed.barrier("damaged_checkpoints_set_aside")
+    mngr.reload()
   if restored is not None:
-    checkpoint.check_resumable(restored[2]["config"], fingerprint, run.workdir)
     if run.config.fed.rounds < step:
       raise checkpoint.ResumeError(f"{run.workdir} has run {step} rounds; fed.rounds={run.config.fed.rounds} "
                                    "cannot be fewer (raise it to continue the run)")
     logger.info("resuming %s from its checkpoint after round %d", run.workdir, step - 1)
   if distributed.is_main():  # rows of rounds the checkpoint does not hold are redone (none without one)
     truncate_metrics(run.workdir / "metrics.jsonl", step)
+    files.remove_temporaries(run.workdir)  # of writes a crash interrupted
+    checkpoint.remove_unfinished(mngr)
   return fresh if restored is None else place(run, from_checkpointable(restored[1], fresh))
 
 
@@ -132,10 +140,7 @@ def from_checkpointable(saved, like: TrainState) -> TrainState:
 
 def truncate_metrics(path: Path, rounds_done: int) -> None:
   """Drop metrics of rounds after the checkpoint (written before an interruption), so they are redone."""
-  if not path.exists():
-    return
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
-  kept = [line for line in lines if json.loads(line)["round"] < rounds_done]
-  path.write_text("".join(line + "\n" for line in kept))
+  if path.exists():  # a last line torn by a crash is removed; the file is rewritten atomically
+    files.filter_jsonl(path, lambda record: record["round"] < rounds_done)
 
 

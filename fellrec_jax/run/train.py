@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from fellrec_jax import files
 from fellrec_jax.model import hf_interop
 from fellrec_jax.federated import sharding
 from fellrec_jax.run import checkpoint
@@ -55,7 +56,7 @@ def train(config, workdir) -> dict:
   with preemption_notice() as notice:
     run = setup_lib.setup(config, workdir)
     if distributed.is_main():
-      (run.workdir / "config.json").write_text(json.dumps(setup_lib.config_dict(config), indent=2))
+      files.write_json(run.workdir / "config.json", setup_lib.config_dict(config))
     mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
     state = state_lib.resume_or_init(run, mngr)
     valid = rounds.client_data(run, run.data.valid_batches, run.num_clients)
@@ -85,13 +86,16 @@ def train(config, workdir) -> dict:
     progress.close()
     summary = summarize(run, state)
     save_best_adapters(run, state)
+    files.fault_point("adapters_written")
     if distributed.is_main():
-      (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+      files.write_json(run.workdir / "summary.json", summary)
       print(summary_table(summary))
+    files.fault_point("summary_written")
     if config.eval.at_end:
       summary["eval"] = evaluation.evaluate(run, state.best_adapters)["overall"]
+      files.fault_point("eval_written")
       if distributed.is_main():
-        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_json(run.workdir / "summary.json", summary)
     tracking.finish(run, summary)  # the final evaluation to the trackers; they close
   return summary
 
@@ -127,8 +131,8 @@ def log_round(run: Run, record: dict, progress) -> None:
   if distributed.is_main():
     if arrays is not None:
       save_round_arrays(run.workdir / "rounds" / f"round_{record['round']:05d}.npz", arrays)
-    with open(run.workdir / "metrics.jsonl", "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_line(run.workdir / "metrics.jsonl", json.dumps(record))
+    files.fault_point("metrics_line")
   tracking.log_round(run, record, arrays)  # TensorBoard / W&B when enabled (log.*), process 0
   losses = train_losses(record, arrays)
   mean = f"{np.mean(losses):.3f}" if len(losses) else "-"
@@ -148,12 +152,9 @@ def train_losses(record: dict, arrays: dict | None) -> list[float]:
 
 
 def save_round_arrays(path, arrays: dict) -> None:
-  """A round's full per-client arrays and mixing matrix (temp file + rename)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
+  """A round's full per-client arrays and mixing matrix, written atomically (temp file + rename)."""
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, **arrays)
-  tmp.replace(path)
 
 
 def summarize(run: Run, state: TrainState) -> dict:
