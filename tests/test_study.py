@@ -133,7 +133,7 @@ def test_render_study_writes_the_tables_from_compare_json_between_the_markers(tm
   # clients' std (numpy, over 2 clients) 0.03, 0.05, 0.04 against 0.1, 0.12, 0.12: 0.0733 lower, more even;
   # the worst client 0.18, 0.2, 0.25 against 0.1, 0.1, 0.12: 0.1033 higher.
   assert "| -0.073 [" in paired[0] and "| +0.103 [" in paired[0]
-  assert "Test CPU, 2 CPUs" in text and "30.0 min" in text  # study_log.jsonl's invocations
+  assert "Test CPU, 2 CPUs. Invocations of the study that ran to their end: 1, 30.0 min." in text
   assert "Wall time of the runs in the tables: 60 min" in text  # 6 runs of 10 minutes
   assert (tmp_path / "docs" / "study" / "synthetic_val_loss.png").stat().st_size > 0
   assert (tmp_path / "docs" / "study" / "synthetic_mixing_fellrec_a070_b1.png").stat().st_size > 0
@@ -155,7 +155,7 @@ def test_an_unfinished_study_renders_the_seeds_its_first_stage_finished_and_name
   (tmp_path / "runs" / "synthetic" / "seed_2" / "fellrec_a070_b1" / "eval.json").unlink()
   doc = tmp_path / "study.md"
   text = comparison.render_study(s, tmp_path / "runs", ["synthetic"], doc)
-  assert "Seeds 0, 1 of 0, 1, 2. Not finished on these seeds, so not in the tables: local." in text
+  assert "Seeds finished: 0, 1 (of 0, 1, 2). Not finished on these seeds, so not in the tables: local." in text
   assert "+0.010, +0.030 |" in text  # the paired differences of seeds 0 and 1 only
   for run in (tmp_path / "runs" / "synthetic").glob("seed_*/*"):
     (run / "eval.json").unlink(missing_ok=True)

@@ -285,8 +285,8 @@ def study_header(study, settings: Sequence[str], log: Sequence[Mapping]) -> str:
   lines = [f"Seeds: {', '.join(map(str, study.seeds))}. Methods ({len(study.methods)}): "
            + "; ".join(f"`{m}` = {method_label(m, study.arms[m])}" for m in study.methods) + ".",
            "",
-           f"Machine: {'; '.join(machines)}. Invocations of the study that ran to their end: {len(log)}, "
-           f"{seconds / 60:.1f} min.",
+           f"Machine: {'; '.join(machines)}." + (f" Invocations of the study that ran to their end: {len(log)}, "
+                                                  f"{seconds / 60:.1f} min." if log else ""),
            "",
            "| setting | data | clients | train records | rounds x local epochs | model | ranking |",
            "|---|---|---|---|---|---|---|"]
@@ -323,7 +323,7 @@ def setting_section(name: str, study, summary: Mapping, figures: Sequence[tuple[
   """One setting's tables from its compare.json summary: overall and balance, and the paired differences;
   which seeds they cover and which methods have not finished on all of them."""
   label = lambda m: method_label(m, study.arms[m]) if m in study.arms else method_label(m, {})
-  covered = f"Seeds {', '.join(map(str, seeds))} of {', '.join(map(str, study.seeds))}." if seeds else ""
+  covered = f"Seeds finished: {', '.join(map(str, seeds))} (of {', '.join(map(str, study.seeds))})." if seeds else ""
   if missing:
     covered += f" Not finished on these seeds, so not in the tables: {', '.join(missing)}."
   if minutes is not None:
