@@ -150,13 +150,16 @@ def privacy_report(config, workdir) -> dict:
     recommendation = {m: summary["eval"].get(m) for m in RECOMMENDATION}
     report["settings"].append({"setting": name, **overrides, **at_split, **recommendation,
                                "epsilon": epsilon(run, summary)})
-    logger.info("privacy setting %s: %s", name, report["settings"][-1])
-  report["public_examples"], report["private_examples"] = len(target.public.tokens), len(target.private.tokens)
+    report["public_examples"], report["private_examples"] = len(target.public.tokens), len(target.private.tokens)
+    write(report, workdir)  # after each setting: a long sweep's finished settings are on disk
+  print(markdown(report))
+  return report
+
+
+def write(report: dict, workdir: Path) -> None:
   (workdir / "privacy.json").write_text(json.dumps(report, indent=2))
   (workdir / "privacy.md").write_text(markdown(report))
   plot_by_layer(report, workdir / "privacy_by_layer.png")
-  print(markdown(report))
-  return report
 
 
 def _cell(value) -> str:
