@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.ditto_lambda = 0.1  # ditto: proximal coefficient of the personal models
   c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)
   c.fed.patience = 5  # stop after this many rounds without a better weighted validation loss (reference 5)
-  # Participation and faults (docs/method.md §4.4). Clients sampled to train each round, without replacement,
+  # Participation and faults (docs/method.md §4). Clients sampled to train each round, without replacement,
   # seeded by (seed, round); the others keep their adapters. 0 = every client, every round (reference).
   c.fed.clients_per_round = 0
   c.fed.dropout_prob = 0.0  # a participant fails to report with this probability (seeded); its work is discarded

@@ -1,8 +1,10 @@
 """Who takes part in a round: sampled participants, clients that fail to report, non-finite clients and
-their retirement, the summarised metrics of many clients, and resuming such a run (docs/method.md §4.4)."""
+their retirement, the summarised metrics of many clients, and resuming such a run (docs/method.md §4,
+"Participation and faults")."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +12,11 @@ import numpy as np
 import pytest
 
 from configs import default
+from fellrec_jax.data import batching
 from fellrec_jax.federated import aggregation
 from fellrec_jax.federated import heating
 from fellrec_jax.federated import participation
+from fellrec_jax.federated import training
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import round_records
 from fellrec_jax.run import rounds
@@ -25,13 +29,17 @@ NUM_CLIENTS, PER_ROUND = 4, 2
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-  """One set-up run (data, base model) shared by the tests; each varies only the participation fields."""
+  """One set-up run (data, base model) shared by the tests; each varies only the participation fields.
+
+  The tests run round 0 only (its participants and batches: one compilation serves them all)."""
   config = default.get_config("smoke")
   config.eval.at_end = False
   config.fed.num_clients = NUM_CLIENTS
   config.fed.rounds = 3
   config.fed.clients_per_round = PER_ROUND
   config.fed.clients_per_chunk = 0
+  config.pretrain.steps = 2
+  config.model.num_layers = 2
   return setup_lib.setup(config, tmp_path_factory.mktemp("participation"))
 
 
@@ -66,6 +74,25 @@ def one_round(run, round_index=0, state=None):
   before = host(state.clients.adapters)
   state, record = rounds.run_round(run, state, round_index, valid_batches(run))
   return before, state, record
+
+
+@pytest.fixture
+def quick(monkeypatch):
+  """Local training replaced by a cheap deterministic update of each client's adapters (from its own data):
+  the tests of who takes part need no model compilation; one test below trains for real."""
+
+  def train_clients(run, clients, batches, anchors, ctx):
+    train_clients.batches = batches
+    tokens = jnp.asarray(batches.tokens, jnp.float32).reshape(batches.tokens.shape[0], -1)
+    shift = 1e-3 * (1.0 + jnp.mean(tokens, axis=1) / 100.0)
+    moved = jax.tree.map(lambda x: x + shift.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), clients.adapters)
+    steps = jnp.sum(jnp.asarray(batches.step_mask, jnp.int32), axis=1)
+    metrics = training.ClientMetrics(2.0 + shift, steps, 10.0 * steps.astype(jnp.float32))
+    rng = jax.vmap(lambda k: jax.random.split(k)[0])(clients.rng)
+    return training.ClientStates(moved, clients.opt_state, rng), metrics
+
+  monkeypatch.setattr(rounds, "train_clients", train_clients)
+  return train_clients
 
 
 def sampled(run, round_index):
@@ -118,6 +145,28 @@ def test_a_clients_failure_does_not_depend_on_who_else_takes_part():
   assert not participation.sample_dropped(7, 2, some, 50, 0.0).any()
 
 
+def test_padded_lane_schedules_give_every_round_the_same_waves():
+  """With lanes, any m participants' schedule fits max_waves, and the padded schedule has exactly that
+  many waves, the padding idle (so the round compiles once)."""
+  rng = np.random.default_rng(0)
+  steps = rng.integers(0, 7, 40).astype(np.int32)
+  bound = rounds.max_waves(steps, 10, 3)
+  for _ in range(200):
+    subset = rng.choice(40, 10, replace=False)
+    assert training.lane_schedule(steps[subset], 3).client.shape[0] <= bound
+  config = default.get_config("smoke")
+  config.fed.clients_per_round = 10
+  run = SimpleNamespace(config=config, num_train_clients=40, lanes=3, train_plan=SimpleNamespace(client_steps=steps))
+  subset = np.sort(rng.choice(40, 10, replace=False))
+  step_mask = np.arange(steps.max())[None, :] < steps[subset][:, None]
+  padded = rounds.lane_schedule(run, SimpleNamespace(step_mask=step_mask))
+  plain = training.lane_schedule(steps[subset], 3)
+  assert padded.client.shape == (bound, 3)
+  for got, want in zip(padded, plain):
+    np.testing.assert_array_equal(got[:len(want)], want)
+    assert not got[len(want):].any()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The aggregation restricted to the clients that count
 
@@ -166,10 +215,14 @@ def test_an_excluded_clients_nan_adapters_reach_nobody():
 # Rounds
 
 
-def test_partial_participation_trains_exactly_the_sampled_clients_reproducibly(base_run):
+def test_partial_participation_trains_exactly_the_sampled_clients_reproducibly(base_run, quick):
   run = base_run
   chosen = sampled(run, 0)
   before, state, record = one_round(run)
+  given = quick.batches  # the sampled clients' own batches, in their order
+  expected = batching.round_batches(run.train_plan, 0, chosen)
+  np.testing.assert_array_equal(np.asarray(given.tokens), expected.tokens)
+  np.testing.assert_array_equal(np.asarray(given.step_mask), expected.step_mask)
   after = host(state.clients.adapters)
   absent = np.setdiff1d(np.arange(NUM_CLIENTS), chosen)
   assert_same(rows(after, absent), rows(before, absent))  # bit for bit
@@ -187,21 +240,20 @@ def test_partial_participation_trains_exactly_the_sampled_clients_reproducibly(b
   assert record == record_again
 
 
-def test_dropped_clients_are_those_the_seed_says(base_run):
-  run = variant(base_run, dropout_prob=0.5)
-  seed = run.config.seed
-  draws = {r: participation.sample_dropped(seed, r, sampled(run, r), NUM_CLIENTS, 0.5) for r in range(20)}
-  r = next(r for r, d in draws.items() if d.sum() == 1)  # a round where one of the two fails
-  expected = sampled(run, r)[draws[r]]
-  before, state, record = one_round(run, r)
-  assert record["dropped"] == expected.tolist() and record["participants"] == sampled(run, r).tolist()
+def test_dropped_clients_are_those_the_seed_says(base_run, quick):
+  seed, chosen = base_run.config.seed, sampled(base_run, 0)
+  draws = {p: participation.sample_dropped(seed, 0, chosen, NUM_CLIENTS, p) for p in np.linspace(0.05, 0.95, 19)}
+  prob = next(p for p, d in draws.items() if d.sum() == 1)  # one of the two fails in round 0
+  expected = chosen[draws[prob]]
+  before, state, record = one_round(variant(base_run, dropout_prob=float(prob)))
+  assert record["dropped"] == expected.tolist() and record["participants"] == chosen.tolist()
   assert [c["status"] for c in record["clients"]].count("dropped") == 1
   assert record["clients"][int(expected[0])]["status"] == "dropped"
   assert_same(rows(host(state.clients.adapters), expected), rows(before, expected))
   np.testing.assert_array_equal(record["aggregation"], np.eye(PER_ROUND))  # the other has no one to mix with
 
 
-def test_a_nan_client_is_quarantined_as_if_it_had_sat_out(base_run, monkeypatch):
+def test_a_nan_client_is_quarantined_as_if_it_had_sat_out(base_run, quick, monkeypatch):
   run = base_run
   bad = int(sampled(run, 0)[1])
   _, sat_out, sat_record = _with_failure(run, monkeypatch, bad)
@@ -227,25 +279,25 @@ def _with_nan(run, monkeypatch, client):
     return one_round(run)
 
 
-def test_max_bad_rounds_retires_a_failing_client_then_stops_the_run(base_run, monkeypatch, caplog):
+def test_max_bad_rounds_retires_a_failing_client_then_stops_the_run(base_run, quick, monkeypatch, caplog):
   run = variant(base_run, max_bad_rounds=2)
-  both = np.intersect1d(sampled(run, 0), sampled(run, 1))
-  assert len(both), "the seed samples no client in both of the first two rounds"
-  bad = int(both[0])
+  bad = int(sampled(run, 0)[0])
   poison(monkeypatch, bad)
   state = state_lib.init_state(run)
   valid = valid_batches(run)
-  for r in range(3):
-    state, record = rounds.run_round(run, state, r, valid)
+  for _ in range(2):  # round 0's participants twice: two consecutive non-finite rounds of client `bad`
+    state, record = rounds.run_round(run, state, 0, valid)
   assert np.flatnonzero(np.asarray(state.server.retired)).tolist() == [bad]
-  assert record["clients"][bad]["status"] == "retired" and bad not in record["participants"]
+  assert record["clients"][bad]["status"] == "non_finite" and int(state.server.bad_rounds[bad]) == 2
   assert "retired after 2 consecutive non-finite rounds" in caplog.text
+  for r in range(5):  # it is never sampled again
+    assert bad not in rounds.round_roster(run, state, r).participants
   state = state._replace(server=state.server._replace(retired=jnp.ones(NUM_CLIENTS, bool)))
   with pytest.raises(rounds.ClientsFailed, match="fed.max_bad_rounds=2"):
-    rounds.run_round(run, state, 3, valid)
+    rounds.run_round(run, state, 1, valid)
 
 
-def test_many_clients_are_summarised_in_metrics_and_kept_in_an_array_file(base_run, tmp_path):
+def test_many_clients_are_summarised_in_metrics_and_kept_in_an_array_file(base_run, quick, tmp_path):
   run = dataclasses.replace(variant(base_run, log_metrics_clients=1), workdir=tmp_path)
   _, _, record = one_round(run)
   arrays = record[round_records.ARRAYS]
@@ -268,17 +320,35 @@ def test_many_clients_are_summarised_in_metrics_and_kept_in_an_array_file(base_r
   assert saved["aggregation"].shape == (PER_ROUND, PER_ROUND)
 
 
-def test_resumed_partial_participation_ends_where_the_uninterrupted_run_ends(base_run, tmp_path):
+def test_resumed_partial_participation_ends_where_the_uninterrupted_run_ends(base_run, quick, tmp_path):
+  """The checkpoint holds every part of the state a round reads (the server's fault counters and latest
+  validation losses included): restored, it is bit for bit the state saved, and the next round from either
+  gives the same record and state (round 0's clients again)."""
   run = dataclasses.replace(variant(base_run, dropout_prob=0.3), workdir=tmp_path)
   valid = valid_batches(run)
   state, _ = rounds.run_round(run, state_lib.init_state(run), 0, valid)
+  state = state._replace(server=state.server._replace(bad_rounds=state.server.bad_rounds.at[3].set(1)))
   mngr = checkpoint.manager(tmp_path / "checkpoints")
   fingerprint = checkpoint.config_fingerprint(setup_lib.config_dict(run.config), state_lib.RESUMABLE_FIELDS)
   checkpoint.save(mngr, 1, state_lib.checkpointable(state), {"config": fingerprint, "rounds_done": 1})
   resumed = state_lib.resume_or_init(run, mngr)
-  for r in (1, 2):
-    state, record = rounds.run_round(run, state, r, valid)
-    resumed, resumed_record = rounds.run_round(run, resumed, r, valid)
-    record.pop("seconds"), resumed_record.pop("seconds")
-    assert record == resumed_record
   assert_same(host(state_lib.checkpointable(state)), host(state_lib.checkpointable(resumed)))
+  assert int(resumed.server.bad_rounds[3]) == 1 and np.isfinite(np.asarray(resumed.server.last_val)).any()
+  state, record = rounds.run_round(run, state, 0, valid)
+  resumed, resumed_record = rounds.run_round(run, resumed, 0, valid)
+  record.pop("seconds"), resumed_record.pop("seconds")
+  assert record == resumed_record
+  assert_same(host(state_lib.checkpointable(state)), host(state_lib.checkpointable(resumed)))
+
+
+def test_plots_summarise_many_clients(tmp_path):
+  from fellrec_jax.evaluation import plots
+  listed = [{"round": r, "clients": [{"client": c, "train_loss": float(c + r)} for c in range(20)]} for r in range(3)]
+  summarised = [{"round": 3, "clients_summary": {"train_loss": {"min": 1.0, "mean": 2.0, "max": 3.0}}}]
+  lines = plots._series(listed + summarised, "client", "train_loss")
+  assert [label for label, *_ in lines] == ["min over clients", "mean over clients", "max over clients"]
+  assert lines[0][1:] == ((0, 1, 2, 3), (0.0, 1.0, 2.0, 1.0)) and lines[2][2] == (19.0, 20.0, 21.0, 3.0)
+  assert plots.plot_round_curves(summarised, tmp_path / "curves.png").stat().st_size > 0
+  assert plots.plot_mixing_strip(summarised, tmp_path / "mixing.png").stat().st_size > 0
+  report = {"clients": [{"client": c, "recall@10": c / 40} for c in range(40)], "overall": {"recall@10": 0.5}}
+  assert plots.plot_client_bars({"fellrec": report}, tmp_path / "bars.png", metrics=["recall@10"]).exists()

@@ -15,6 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 CLIENT_CURVES = ("train_loss", "val_loss", "warm_weight")  # per-client fields of a metrics.jsonl round
+MAX_CLIENT_LINES = 12  # more clients: their min/mean/max per round instead of one line each
+MAX_CLIENT_BARS = 30  # more clients: quantiles over the clients instead of one bar group each
+QUANTILES = {"min": 0.0, "p25": 0.25, "median": 0.5, "p75": 0.75, "max": 1.0}
 ROUND_CURVES = ("comm_bytes", "seconds")  # per-round scalars of a metrics.jsonl round
 
 
@@ -33,20 +36,24 @@ def plot_client_bars(reports: Mapping[str, Mapping], path, metrics: Sequence[str
   if not reports:
     raise ValueError("no report to plot")
   clients = sorted({c["client"] for report in reports.values() for c in report["clients"]})
-  groups = [str(c) for c in clients] + ["all"]
+  many = len(clients) > MAX_CLIENT_BARS  # then quantiles over the clients, not one group per client
+  groups = (list(QUANTILES) if many else [str(c) for c in clients]) + ["all"]
   fig = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(reports)) ** 0.5 + 2), 3.2 * len(metrics)))
   width = 0.8 / len(reports)
   for row, metric in enumerate(metrics):
     ax = fig.add_subplot(len(metrics), 1, row + 1)
     for m, (method, report) in enumerate(reports.items()):
       by_client = {c["client"]: c[metric] for c in report["clients"]}
-      values = [by_client.get(c, np.nan) for c in clients] + [report["overall"][metric]]
+      values = [by_client.get(c, np.nan) for c in clients]
+      if many:
+        values = [float(np.nanquantile(np.asarray(values, np.float64), q)) for q in QUANTILES.values()]
+      values = values + [report["overall"][metric]]
       ax.bar(np.arange(len(groups)) + (m - (len(reports) - 1) / 2) * width, values, width, label=method)
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
     if row == len(metrics) - 1:
-      ax.set_xlabel("client")
+      ax.set_xlabel(f"quantile over {len(clients)} clients" if many else "client")
     if len(reports) > 1 and row == 0:
       ax.legend(fontsize="small")
   if title:
@@ -59,11 +66,14 @@ def plot_round_curves(rounds: Sequence[Mapping], path, client_curves: Sequence[s
   """Per-round curves from metrics.jsonl records: one panel per field, one line per client.
 
   A record is {"round", "clients": [{"client", <client_curves>...}], <round_curves>...}; fields absent
-  from every record are skipped. A record may also carry "eval" (an eval.json report of that round):
-  its `eval_metric` is drawn per client and overall.
+  from every record are skipped. With more than MAX_CLIENT_LINES clients, or records that summarise their
+  clients ("clients_summary"), a panel shows the min/mean/max over the clients instead. A record may also
+  carry "eval" (an eval.json report of that round): its `eval_metric` is drawn per client and overall.
   """
   rounds = sorted(rounds, key=lambda r: r["round"])
-  panels = [("client", f) for f in client_curves if any(f in c for r in rounds for c in r.get("clients", []))]
+  panels = [("client", f) for f in client_curves
+            if any(f in c for r in rounds for c in r.get("clients", [])) or
+            any((r.get("clients_summary") or {}).get(f) for r in rounds)]
   panels += [("round", f) for f in round_curves if any(f in r for r in rounds)]
   if any("eval" in r for r in rounds):
     panels.append(("eval", eval_metric))
@@ -109,14 +119,22 @@ def plot_validation_curves(curves: Mapping[str, Sequence[Sequence[float]]], path
 def plot_mixing_strip(rounds: Sequence[Mapping], path, max_rounds: int = 12) -> Path:
   """FELLRec's mixing matrices of the first rounds as a strip of heat maps, with each client's warm weight
   under its row (records of metrics.jsonl)."""
-  rounds = sorted(rounds, key=lambda r: r["round"])[:max_rounds]
   if not rounds:
     raise ValueError("no metrics records to draw")
+  drawn = sorted((r for r in rounds if "aggregation" in r), key=lambda r: r["round"])[:max_rounds]
+  if not drawn:  # every matrix was summarised (log.metrics_clients): say where the full ones are
+    fig = Figure(figsize=(5.0, 1.2))
+    fig.text(0.5, 0.5, "mixing matrices summarised in metrics.jsonl;\nfull ones in rounds/round_<r>.npz",
+             ha="center", va="center")
+    return _save(fig, path)
+  rounds = drawn
   fig = Figure(figsize=(2.2 * len(rounds) + 0.8, 2.6))
   for index, record in enumerate(rounds):
     ax = fig.add_subplot(1, len(rounds), index + 1)
     image = ax.imshow(np.asarray(record["aggregation"]), vmin=0.0, vmax=1.0, cmap="viridis")
-    warm = ", ".join(f"{c['warm_weight']:.2f}" for c in record["clients"]) if len(record["clients"]) <= 6 else ""
+    ids = record.get("participants", [c["client"] for c in record.get("clients", [])])
+    by_id = {c["client"]: c["warm_weight"] for c in record.get("clients", [])}
+    warm = ", ".join(f"{by_id[c]:.2f}" for c in ids if c in by_id) if 0 < len(ids) <= 6 else ""
     ax.set_title(f"round {record['round']}", fontsize="small")
     ax.set_xlabel(f"w: {warm}" if warm else "source client", fontsize="x-small")
     ax.set_xticks([])
@@ -133,6 +151,8 @@ def _series(rounds, kind: str, field: str):
   if kind == "round":
     points = [(r["round"], r[field]) for r in rounds if field in r]
     return [(field, *zip(*points))]
+  if kind == "client" and _many_clients(rounds):
+    return _client_spread(rounds, field)
   per_client: dict[int, list[tuple[int, float]]] = {}
   overall = []
   for r in rounds:
@@ -144,6 +164,30 @@ def _series(rounds, kind: str, field: str):
       overall.append((r["round"], r["eval"]["overall"][field]))
   lines = [(f"client {c}", *zip(*points)) for c, points in sorted(per_client.items())]
   return lines + ([("overall", *zip(*overall))] if overall else [])
+
+
+def _many_clients(rounds) -> bool:
+  return any("clients_summary" in r or len(r.get("clients", [])) > MAX_CLIENT_LINES for r in rounds)
+
+
+def _client_spread(rounds, field: str):
+  """(label, rounds, values) lines of the min, mean and max of a per-client field over the clients."""
+  lines = []
+  for stat in ("min", "mean", "max"):
+    points = []
+    for r in rounds:
+      if "clients_summary" in r:
+        value = (r["clients_summary"].get(field) or {}).get(stat)
+      else:
+        values = np.asarray([np.nan if c.get(field) is None else c[field] for c in r.get("clients", [])],
+                            np.float64)
+        finite = values[np.isfinite(values)]
+        value = float(getattr(np, stat)(finite)) if len(finite) else None
+      if value is not None:
+        points.append((r["round"], value))
+    if points:
+      lines.append((f"{stat} over clients", *zip(*points)))
+  return lines
 
 
 def _save(fig: Figure, path) -> Path:

@@ -1,5 +1,5 @@
-"""Who takes part in a round (docs/method.md §4.4): the clients sampled to train, those that fail to report,
-and those whose round went non-finite.
+"""Who takes part in a round (docs/method.md §4, "Participation and faults"): the clients sampled to
+train, those that fail to report, and those whose round went non-finite.
 
 Every draw depends only on (seed, round) and the client ids, never on what happened before, so a run and
 its resumption draw the same clients, and a client's failure in a round does not depend on which other

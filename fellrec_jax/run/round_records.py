@@ -1,5 +1,6 @@
-"""A round's metrics.jsonl record (docs/method.md §4.4): per-client rows and the mixing matrix, or, beyond
-log.metrics_clients clients, their summaries with the full arrays kept aside for the run to save."""
+"""A round's metrics.jsonl record (docs/method.md §4, "Participation and faults"): per-client rows and the
+mixing matrix, or, beyond log.metrics_clients clients, their summaries with the full arrays kept aside for
+the run to save."""
 
 from __future__ import annotations
 
@@ -97,11 +98,24 @@ def clients_summary(arrays: dict[str, np.ndarray]) -> dict:
           "num_steps": int(arrays["num_steps"].sum()), "improved": int(arrays["improved"].sum())}
 
 
-def matrix_summary(matrix: np.ndarray) -> dict:
-  """A mixing matrix summarised: its size, its diagonal and off-diagonal entries' min/mean/max."""
-  matrix = np.asarray(matrix, np.float64)
-  off = ~np.eye(len(matrix), dtype=bool)
-  return {"size": len(matrix), "diagonal": stats(np.diagonal(matrix)), "off_diagonal": stats(matrix[off])}
+def matrix_summary(matrix: np.ndarray, block: int = 1024) -> dict:
+  """A mixing matrix summarised: its size, its diagonal and off-diagonal entries' min/mean/max (in blocks of
+  rows, without a copy of the matrix: it may be 10,000 x 10,000)."""
+  n = len(matrix)
+  diagonal = np.diagonal(matrix).astype(np.float64)
+  if n < 2:
+    return {"size": n, "diagonal": stats(diagonal), "off_diagonal": None}
+  low, high, total = np.inf, -np.inf, 0.0
+  for start in range(0, n, block):
+    rows = np.array(matrix[start:start + block], np.float64)
+    index = np.arange(len(rows))
+    total += rows.sum() - rows[index, start + index].sum()
+    rows[index, start + index] = np.inf
+    low = min(low, rows.min())
+    rows[index, start + index] = -np.inf
+    high = max(high, rows.max())
+  return {"size": n, "diagonal": stats(diagonal),
+          "off_diagonal": {"min": float(low), "mean": float(total / (n * n - n)), "max": float(high)}}
 
 
 def round_record(run, round_index, metrics, val, weighted, improved, matrix, server, lr_scale, batches, adapters,
@@ -141,12 +155,12 @@ def offdiag_mean(matrix, include=None) -> float | None:
   `include`d clients' rows and columns."""
   if matrix is None:
     return None
-  matrix = np.asarray(matrix, np.float64)
-  if include is not None:
+  matrix = np.asarray(matrix)
+  if include is not None and not np.all(include):
     matrix = matrix[np.ix_(include, include)]
   if len(matrix) < 2:
     return None
-  return float((matrix.sum() - np.trace(matrix)) / (matrix.size - len(matrix)))
+  return float((matrix.sum(dtype=np.float64) - np.trace(matrix, dtype=np.float64)) / (matrix.size - len(matrix)))
 
 
 def json_float(x):

@@ -241,7 +241,7 @@ def updated_validation(run: Run, state: TrainState, adapters, valid, changed: np
   never validated), the latest ones for the others (their adapters are bit for bit the same)."""
   val = np.asarray(state.server.last_val, np.float64).copy()
   stale = np.isinf(val) | changed
-  if stale.all():
+  if stale.all() or jax.process_count() > 1:  # a multi-process run validates every process's clients
     return validation_losses(run, adapters, valid)
   if stale.any():
     val[stale] = validation_losses(run, adapters, valid, np.flatnonzero(stale))
