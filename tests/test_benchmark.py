@@ -1,6 +1,6 @@
-"""tools/benchmark.py end to end at the tiny preset: the JSON the issue asks for, and both sides doing the
-same work (the PyTorch baseline and our round train the same clients on the same steps from the same
-weights, so their first-round per-client losses agree)."""
+"""tools/benchmark.py end to end at the tiny preset: the JSON it writes, and both sides doing the same work
+(the PyTorch baseline and our round train the same clients on the same steps from the same weights, so
+without dropout their first-round per-client losses agree); --quick measures LoRA dropout 0 and 0.05."""
 
 import json
 import subprocess
@@ -32,17 +32,27 @@ def test_quick_writes_the_figures(results):
     # --reps 1 --block 1 with the default --rewarm 1: one untimed round, then the timed one.
     assert len(results["cases"][0][side]["seconds"]) == len(results["cases"][0][side]["rewarm_seconds"]) == 1
   assert results["speedup"] == pytest.approx(results["jax"]["samples_per_s"] / results["torch"]["samples_per_s"])
-  (case,) = results["cases"]
-  assert case["clients"] == 8 and case["samples"] == 8 * case["steps_per_client"] * 8
+  none, dropout = results["cases"]
+  assert (none["lora_dropout"], dropout["lora_dropout"]) == (0.0, 0.05)  # the default is the reference's
+  assert results["jax"]["samples_per_s"] == dropout["jax"]["samples_per_s"]  # the headline is with dropout
+  assert results["jax_dropout_vs_none"] == pytest.approx(dropout["jax"]["samples_per_s"] /
+                                                         none["jax"]["samples_per_s"])
+  for case in results["cases"]:
+    assert case["clients"] == 8 and case["samples"] == 8 * case["steps_per_client"] * 8
 
 
 def test_both_sides_do_the_same_work(results):
-  (case,) = results["cases"]
-  jax_loss, torch_loss = np.asarray(case["jax"]["train_loss"]), np.asarray(case["torch"]["train_loss"])
+  none, dropout = results["cases"]
+  jax_loss, torch_loss = np.asarray(none["jax"]["train_loss"]), np.asarray(none["torch"]["train_loss"])
   assert jax_loss.shape == torch_loss.shape == (8,)
   np.testing.assert_allclose(jax_loss, torch_loss, rtol=2e-5, atol=2e-5)
+  # With dropout each side draws its own masks: the losses move apart by the masks' effect on a round of
+  # adapters that start at lora_b = 0, far less than a percent, but they do move.
+  jax_loss, torch_loss = np.asarray(dropout["jax"]["train_loss"]), np.asarray(dropout["torch"]["train_loss"])
+  np.testing.assert_allclose(jax_loss, torch_loss, rtol=1e-2)
+  assert not np.allclose(jax_loss, none["jax"]["train_loss"], rtol=1e-7, atol=0)
   # The same samples, but we execute fewer FLOPs per sample (the prefix once a client step, no padding).
-  assert case["jax_executed_flops_per_sample"] < case["torch_executed_flops_per_sample"]
+  assert none["jax_executed_flops_per_sample"] < none["torch_executed_flops_per_sample"]
 
 
 def test_rounds_take_turns_in_blocks_with_untimed_rewarm_rounds():
@@ -60,3 +70,46 @@ def test_rounds_take_turns_in_blocks_with_untimed_rewarm_rounds():
       ("jax", True), ("torch", True), ("torch", True), ("jax", True)]
   with pytest.raises(ValueError, match="--block"):
     benchmark.round_schedule(["jax"], 3, 0, 1)
+
+
+def test_preset_default_mirrors_the_default_config():
+  """--preset default takes configs/default.py's model, LoRA, batch size and clients_per_chunk; a value on
+  the command line wins; a dropout outside [0, 1) is refused."""
+  sys.path.insert(0, str(ROOT / "tools"))
+  import benchmark
+  from configs import default
+  config = default.get_config()
+  args = benchmark.parse_args(["--preset", "default", "--quick"])
+  model = benchmark.PRESETS["default"]
+  for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+    assert model[name] == config.model[name]
+  assert model["split_k"] == config.fed.split_k and args.tokenizer_vocab == config.data.vocab_size
+  assert (args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) == (config.lora.rank, config.lora.alpha,
+                                                                          tuple(config.lora.targets))
+  assert (args.batch_size, args.lanes, args.stream_groups) == (config.data.batch_size, config.fed.clients_per_chunk,
+                                                               config.fed.stream_groups)
+  assert (args.quick_clients, args.lora_dropout, args.group_by_length) == (config.fed.num_clients, 0.05, True)
+  cpu = benchmark.parse_args(["--batch_size", "4", "--lora_dropout", "0"])
+  assert (cpu.batch_size, cpu.lanes, cpu.lora_rank, cpu.lora_dropout, cpu.group_by_length) == (4, 16, 8, 0.0, False)
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--lora_dropout", "1"])
+
+
+def test_length_grouped_batches_as_the_hf_trainer():
+  """group_by_length: the same examples, seeded; batches of a megabatch sorted longest first, the longest
+  example in the first batch."""
+  sys.path.insert(0, str(ROOT / "tools"))
+  import benchmark
+  rs = np.random.RandomState(0)
+  indices = list(range(100, 300))
+  lengths = {i: int(rs.randint(5, 90)) for i in indices}
+  batches = benchmark.length_grouped(indices, lengths, 4, seed=3)
+  flat = [i for b in batches for i in b]
+  assert sorted(flat) == indices and all(len(b) == 4 for b in batches)
+  assert batches == benchmark.length_grouped(indices, lengths, 4, seed=3) != benchmark.length_grouped(
+      indices, lengths, 4, seed=4)
+  assert lengths[batches[0][0]] == max(lengths.values())
+  mega = 4 * min(200 // 16, 50)  # 12 batches per megabatch
+  for start in range(0, 200, mega):
+    group = [lengths[i] for i in flat[start:start + mega]][1:]  # after the (possibly swapped) first
+    assert group == sorted(group, reverse=True)

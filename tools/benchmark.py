@@ -1,15 +1,16 @@
 """Throughput of a federated round: ours (one jitted, vmapped call) against the PyTorch way (transformers
 LlamaForCausalLM + PEFT LoRA, clients one after another over one base model), same work on both sides.
 
-  python tools/benchmark.py --quick                 # 8 clients on the CPU preset, a few minutes
+  python tools/benchmark.py --quick                 # 8 clients on the CPU preset, LoRA dropout 0 and 0.05
+  python tools/benchmark.py --quick --preset default  # configs/default.py's round against a reference-style loop
   python tools/benchmark.py --out bench.json        # the sweep: clients 1/8/64, then k = 1..L-1 at 8 clients
   python tools/benchmark.py --preset gpu1b --clients 16,32 --out bench.json   # tools/gpu_benchmark.sh
 
 Both sides train on the same Games records (--data, read at run time), tokenized by our BPE, with the
 same model config and base weights (shared through a saved checkpoint when small), the same initial
-LoRA (r=8 on q,v, dropout 0), the same examples in the same steps (B per client step; the step
-assignment is our batch plan's shuffle), the same loss (train_on_inputs=True: every token after the
-first, mean over a step's label tokens) and AdamW (fresh per client per round, linear schedule, global
+LoRA (r=8 on q,v; --lora_dropout on both sides, 0.05 by default as the reference), the same examples in
+the same steps (B per client step; the step assignment is our batch plan's shuffle), the same loss
+(train_on_inputs=True: every token after the first, mean over a step's label tokens) and AdamW (fresh per client per round, linear schedule, global
 norm clipping at 1.0, as the reference's Trainer). Batches are prepared before timing on both sides.
 The torch side pads each batch to its longest example rounded up to a multiple of 8, as the reference's
 DataCollatorForSeq2Seq(pad_to_multiple_of=8); ours packs the suffixes after the shared prompt prefix into
@@ -21,7 +22,14 @@ Counted: samples = training examples processed per round; tokens = their real (n
 included; model FLOPs per sample = fellrec_jax.analysis.flops.training_flops of the plain computation (see there
 for how attention is counted); MFU = samples/s x FLOPs/sample / the matmul peak measured in this run.
 The first round's per-client mean training losses of both sides are printed: they agree when the work
-is the same (weights are shared when --share_weights).
+is the same (weights are shared when --share_weights) and there is no dropout (each side draws its own
+masks).
+
+`--preset default` mirrors configs/default.py instead: its tiny model (d=128, 4 layers, its 2,000-token
+BPE), LoRA r=16 (alpha 16) on all seven projections, B=16, no LM-head chunks, one stream, its
+clients_per_chunk (2 lanes) and its 5 clients, against a reference-style PyTorch loop: the reference's
+HF Trainer batches each client's examples grouped by length (`group_by_length`), so that side's steps hold
+the same examples per client but not per step (losses then differ slightly).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 PRESETS = {
     # PERFORMANCE.md's CPU case; GQA (4 query heads, 2 key/value heads), SwiGLU width 688 (8/3 d, /16).
     "cpu": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -54,6 +64,18 @@ PRESETS = {
     # Seconds on a CPU: checks the script end to end (the GPU path included, with --preset tiny --dtype ...).
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
                  vocab_size=8192, dtype="float32", split_k=1),
+    # configs/default.py's tiny model (its vocabulary is its tokenizer's, at most 2,000 tokens).
+    "default": dict(hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
+                    vocab_size=128, dtype="float32", split_k=2),
+}
+
+# The run settings of a preset besides its model; a value given on the command line wins.
+RUN_DEFAULTS = dict(tokenizer_vocab=8192, lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj"),
+                    batch_size=8, lanes=16, stream_groups=2, loss_chunk=512, quick_clients=8,
+                    group_by_length=False)
+PRESET_RUNS = {
+    "default": dict(tokenizer_vocab=2000, lora_rank=16, lora_targets=ALL_PROJECTIONS, batch_size=16, lanes=2,
+                    stream_groups=1, loss_chunk=0, quick_clients=5, group_by_length=True),
 }
 
 
@@ -68,15 +90,20 @@ def parse_args(argv=None):
   p.add_argument("--steps", default="", help="optimizer steps per client, per client count "
                  "(default: 8 for 1 client, 4 for 2-16, 2 above)")
   p.add_argument("--ks", default="all", help="split points of the k sweep at 8 clients ('all': 1..L-1, '' none)")
-  p.add_argument("--batch_size", type=int, default=8, help="examples per client step (B)")
+  p.add_argument("--batch_size", type=int, default=None, help="examples per client step (B; preset's: 8, "
+                 "default 16)")
+  p.add_argument("--lora_dropout", type=_dropout_rate, default=0.05, help="LoRA dropout on both sides (the "
+                 "reference's 0.05); --quick also measures 0")
   p.add_argument("--row_len", type=int, default=0, help="our row length T (0: longest suffix, multiple of 16)")
-  p.add_argument("--lanes", type=int, default=16, help="our clients trained at once when there are more")
+  p.add_argument("--lanes", type=int, default=None, help="our clients trained at once when there are more "
+                 "(preset's: 16; default 2, its clients_per_chunk)")
   p.add_argument("--devices", type=int, default=1, help="our client state sharded over this many devices (mesh "
                  "clients axis; each streams its own clients); on a CPU, XLA host devices. Cases whose client "
                  "count it does not divide, or that use lanes, run on one")
-  p.add_argument("--stream_groups", type=int, default=2, help="our clients' tokens as this many independent "
-                 "streams per step (training.LocalConfig.stream_groups)")
-  p.add_argument("--loss_chunk", type=int, default=512, help="our positions per LM-head chunk (0: all; 512 ran 4%% faster than 1024 on a 2-core CPU)")
+  p.add_argument("--stream_groups", type=int, default=None, help="our clients' tokens as this many independent "
+                 "streams per step (training.LocalConfig.stream_groups; preset's: 2, default 1)")
+  p.add_argument("--loss_chunk", type=int, default=None, help="our positions per LM-head chunk (0: all; preset's: "
+                 "512, which ran 4%% faster than 1024 on a 2-core CPU; default 0)")
   p.add_argument("--reps", type=int, default=4, help="timed rounds per side and case (the median is reported)")
   p.add_argument("--block", type=int, default=2, help="CPU: timed rounds a side runs in a row before the other "
                  "side's turn (blocks in ABBA order, so that both sides see the same drift of the machine)")
@@ -104,7 +131,33 @@ def parse_args(argv=None):
   p.add_argument("--table", default="", help="also write the printed table to this file")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--spec", default="", help=argparse.SUPPRESS)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  run_settings = {**RUN_DEFAULTS, **PRESET_RUNS.get(args.preset, {})}
+  for name, value in run_settings.items():
+    if getattr(args, name, None) is None:
+      setattr(args, name, value)
+  return args
+
+
+def _dropout_rate(text: str) -> float:
+  rate = float(text)
+  if not 0.0 <= rate < 1.0:
+    raise argparse.ArgumentTypeError(f"--lora_dropout must be in [0, 1), got {text}")
+  return rate
+
+
+def length_grouped(indices, lengths, batch_size: int, seed: int) -> list[list[int]]:
+  """Batches of `indices` as the HF Trainer's group_by_length samples them (LengthGroupedSampler): a
+  seeded shuffle, megabatches of min(n // (4 B), 50) batches each sorted by length (longest first), the
+  longest megabatch's first; then split into batches of B."""
+  indices = list(np.random.default_rng(seed).permutation(np.asarray(indices)))
+  mult = max(1, min(len(indices) // (batch_size * 4), 50))
+  size = mult * batch_size
+  mega = [sorted(indices[i:i + size], key=lambda j: -lengths[j]) for i in range(0, len(indices), size)]
+  first = max(range(len(mega)), key=lambda m: lengths[mega[m][0]])
+  mega[0][0], mega[first][0] = mega[first][0], mega[0][0]
+  flat = [int(i) for m in mega for i in m]
+  return [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
 
 
 def default_steps(clients: int) -> int:
@@ -139,7 +192,7 @@ def prepare(args, workdir: Path) -> dict:
   preset.pop("dtype", None)
   split_k = preset.pop("split_k")
   dataset, source = load_records(Path(args.data), workdir)
-  tokenizer = tok_lib.load_or_train_tokenizer(tokenizer_path="", dataset=dataset, vocab_size=8192,
+  tokenizer = tok_lib.load_or_train_tokenizer(tokenizer_path="", dataset=dataset, vocab_size=args.tokenizer_vocab,
                                               save_dir=workdir / "tokenizer")
   examples = [prompts.encode_example(tokenizer, r, cutoff_len=args.cutoff_len, train_on_inputs=True)
               for r in dataset.train]
@@ -148,7 +201,8 @@ def prepare(args, workdir: Path) -> dict:
   cfg = model_lib.LlamaConfig(vocab_size=vocab, head_dim=preset["hidden_size"] // preset["num_heads"],
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tok_lib.pad_id(tokenizer), dtype=dtype, **preset)
-  lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
+  lcfg = lora_lib.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=0.0,
+                             targets=tuple(args.lora_targets))
   hf_dir = workdir / "hf"
   from fellrec_jax.analysis import flops as flops_lib
   share = args.share_weights == "yes" or (args.share_weights == "auto" and flops_lib.total_parameters(cfg) < 2e8)
@@ -203,6 +257,9 @@ def client_steps(args, num_records: int, prefix_len: int, clients: int, steps: i
                             local_epochs=1, seed=args.seed, num_rounds=1, row_len=args.row_len)
   step_examples = [[[a[i] for i in idx] for idx in batching.step_indices(plan, 0, c)]
                    for c, a in enumerate(assignment)]
+  if args.group_by_length:  # the reference-style side: the same examples per client, grouped by length
+    lengths = {i: len(examples[i][0]) for a in assignment for i in a}
+    step_examples = [length_grouped(a, lengths, args.batch_size, args.seed + c) for c, a in enumerate(assignment)]
   return assignment, step_examples, plan
 
 
@@ -299,7 +356,7 @@ def jax_side(spec: dict):
   else:
     base = model_lib.init_params(cfg, jax.random.PRNGKey(spec["seed"]), param_dtype=param_dtype)
   base = jax.device_put(base)
-  lcfg = lora_lib.LoraConfig(rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"], dropout=0.0,
+  lcfg = lora_lib.LoraConfig(rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"], dropout=spec["lora_dropout"],
                              targets=tuple(spec["lora"]["targets"]))
   client_examples = [[(examples[i], _label_mask(len(examples[i]))) for i in a] for a in spec["assignment"]]
   plan = batching.make_plan(client_examples, prefix_len=len(prefix_ids), batch_size=spec["batch_size"],
@@ -399,7 +456,8 @@ def torch_side(spec: dict):
     config = transformers.LlamaConfig.from_pretrained(spec["hf_dir"])
     model = transformers.LlamaForCausalLM(config).to(dtype)
   model.to(dev)
-  lora_config = peft.LoraConfig(r=spec["lora"]["rank"], lora_alpha=spec["lora"]["alpha"], lora_dropout=0.0,
+  lora_config = peft.LoraConfig(r=spec["lora"]["rank"], lora_alpha=spec["lora"]["alpha"],
+                                lora_dropout=spec["lora_dropout"],
                                 target_modules=spec["lora"]["targets"], bias="none", task_type="CAUSAL_LM")
   model = peft.get_peft_model(model, lora_config)
   model.train()
@@ -631,7 +689,8 @@ def case_figures(args, info: dict, assignment, step_examples, examples, plan) ->
   from fellrec_jax.model import hf_interop
   from fellrec_jax.model import lora as lora_lib
   cfg = hf_interop.load_config(info["hf_dir"], dtype=info["dtype"])
-  lcfg = lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=tuple(info["lora"]["targets"]))
+  lcfg = lora_lib.LoraConfig(rank=info["lora"]["rank"], alpha=info["lora"]["alpha"], dropout=0.0,
+                             targets=tuple(info["lora"]["targets"]))
   lengths = [len(examples[i]) for a in assignment for i in a]
   plain = sum(flops_lib.training_flops(cfg, lcfg, n) for n in lengths)
   torch_slots = [(len(s), -(-max(len(examples[i]) for i in s) // 8) * 8) for steps in step_examples for s in steps]
@@ -641,7 +700,8 @@ def case_figures(args, info: dict, assignment, step_examples, examples, plan) ->
           "flops_per_sample": plain / len(lengths), "torch_executed_flops_per_sample": torch_exec / len(lengths)}
 
 
-def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: float, torch_result=None):
+def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: float, torch_result=None,
+             dropout: float = 0.0):
   steps = int(dict(_pairs(args.steps)).get(clients, default_steps(clients))) if args.steps else default_steps(clients)
   assignment, step_examples, plan = client_steps(args, info["num_records"], info["prefix_len"], clients, steps,
                                                  [(e, _label_mask(len(e))) for e in examples])
@@ -649,8 +709,9 @@ def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: f
   common = {"workdir": str(workdir), "hf_dir": info["hf_dir"], "dtype": info["dtype"], "lora": info["lora"],
             "shared_weights": info["shared_weights"], "seed": args.seed, "reps": args.reps,
             "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps, "pad_id": info["pad_id"],
-            "batch_size": args.batch_size, "threads": args.threads or os.cpu_count(), "gpu": args.gpu}
-  case = {"clients": clients, "steps_per_client": steps, "k": k, **figures}
+            "batch_size": args.batch_size, "threads": args.threads or os.cpu_count(), "gpu": args.gpu,
+            "lora_dropout": dropout}
+  case = {"clients": clients, "steps_per_client": steps, "k": k, "lora_dropout": dropout, **figures}
   specs = {}
   if "jax" in sides:
     devices = args.devices if clients % args.devices == 0 and clients <= args.lanes else 1
@@ -689,9 +750,9 @@ def table(results: dict) -> str:
          f", sides taking turns in blocks of {args['block']} (ABBA), {args['rewarm']} untimed round(s) "
          "when a turn starts"),
       "",
-      "| clients | k | steps/client | side | samples/s | tokens/s | speedup | samples/CPU-s | speedup (CPU time) | MFU "
-      "| exec GFLOP/sample | peak RSS MiB | first-round loss |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| clients | k | LoRA dropout | steps/client | side | samples/s | tokens/s | speedup | samples/CPU-s "
+      "| speedup (CPU time) | MFU | exec GFLOP/sample | peak RSS MiB | first-round loss |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for case in results["cases"]:
     for side in ("torch", "jax"):
@@ -705,11 +766,15 @@ def table(results: dict) -> str:
       mem = f"{s['peak_rss_mb']:.0f}" + (f" (device {s['device_peak_mb']:.0f})" if "device_peak_mb" in s else "")
       loss = f"{np.mean(s['train_loss']):.4f}"
       label = f"{side} ({s['devices']} devices)" if s.get("devices", 1) > 1 else side
-      lines.append(f"| {case['clients']} | {case['k'] if side == 'jax' else '-'} | {case['steps_per_client']} | "
+      lines.append(f"| {case['clients']} | {case['k'] if side == 'jax' else '-'} | {case['lora_dropout']:g} | "
+                   f"{case['steps_per_client']} | "
                    f"{label} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {speed} | "
                    f"{s['samples_per_cpu_s']:.1f} | {speed_cpu} | {100 * s['mfu']:.1f}% | {executed:.2f} | {mem} | "
                    f"{loss} |")
   lines.append("")
+  if "jax_dropout_vs_none" in results:
+    lines.append(f"our round with LoRA dropout {args['lora_dropout']:g} runs at "
+                 f"{results['jax_dropout_vs_none']:.3f}x the samples/s of ours without")
   lines.append(f"model FLOPs per sample (plain computation): "
                f"{results['cases'][0]['flops_per_sample'] / 1e9:.2f} GFLOP; samples = training examples, "
                "tokens = their real tokens (prefix included)")
@@ -753,20 +818,25 @@ def run(args, workdir: Path):
   args.gpu = peak["backend"] != "cpu"
   examples, _, _, _ = load_examples(workdir)
   L = info["config"]["num_layers"]
-  clients = [8] if args.quick else [int(c) for c in args.clients.split(",") if c]
+  main_clients = args.quick_clients
+  clients = [main_clients] if args.quick else [int(c) for c in args.clients.split(",") if c]
   ks = [] if args.quick or not args.ks else list(range(1, L)) if args.ks == "all" else [int(k) for k in args.ks.split(",")]
+  # --quick: without dropout first, then the reference's (the default --lora_dropout).
+  dropouts = sorted({0.0, args.lora_dropout}) if args.quick else [args.lora_dropout]
   cases, torch_at = [], {}
   for c in clients:
-    print(f"case: {c} clients, k={info['split_k']}", flush=True)
-    case = run_case(args, info, workdir, examples, c, info["split_k"], sides, peak["jax"])
-    cases.append(case)
+    for dropout in dropouts:
+      print(f"case: {c} clients, k={info['split_k']}, LoRA dropout {dropout}", flush=True)
+      case = run_case(args, info, workdir, examples, c, info["split_k"], sides, peak["jax"], dropout=dropout)
+      cases.append(case)
     torch_at[c] = case.get("torch")
   for k in ks:
-    if k == info["split_k"] and 8 in clients:
+    if k == info["split_k"] and main_clients in clients:
       continue
-    print(f"case: 8 clients, k={k}", flush=True)
-    cases.append(run_case(args, info, workdir, examples, 8, k, [s for s in sides if s == "jax"] +
-                          (["torch"] if torch_at.get(8) else []), peak["jax"], torch_at.get(8)))
+    print(f"case: {main_clients} clients, k={k}", flush=True)
+    cases.append(run_case(args, info, workdir, examples, main_clients, k, [s for s in sides if s == "jax"] +
+                          (["torch"] if torch_at.get(main_clients) else []), peak["jax"], torch_at.get(main_clients),
+                          dropout=args.lora_dropout))
   cfg = info["config"]
   results = {
       "machine": {**machine_info(), "backend": peak["backend"], "device": peak["device"]},
@@ -774,12 +844,16 @@ def run(args, workdir: Path):
                             f"tokenizer {info['tokenizer_size']} tokens)",
       "model": (f"Llama d={cfg['hidden_size']} L={cfg['num_layers']} heads={cfg['num_heads']}/"
                 f"{cfg['num_kv_heads']} ffn={cfg['intermediate_size']} V={cfg['vocab_size']} "
-                f"({info['parameters'] / 1e6:.1f}M parameters), {info['dtype']}, LoRA r=8 on q,v, "
-                f"B={args.batch_size}"),
+                f"({info['parameters'] / 1e6:.1f}M parameters), {info['dtype']}, LoRA r={info['lora']['rank']} "
+                f"on {','.join(t.replace('_proj', '') for t in info['lora']['targets'])}, B={args.batch_size}"
+                + (", the torch side's batches grouped by length" if args.group_by_length else "")),
       "info": info, "args": {k: v for k, v in vars(args).items() if k not in ("worker", "spec")},
       "cases": cases, "wall_seconds": time.perf_counter() - start,
   }
-  main_case = next((c for c in cases if c["clients"] == 8), cases[0])
+  main_case = next((c for c in cases if c["clients"] == main_clients and c["lora_dropout"] == args.lora_dropout),
+                   cases[0])
+  no_dropout = next((c for c in cases if c["clients"] == main_clients and c["lora_dropout"] == 0.0
+                     and c["k"] == main_case["k"]), None)
   for side in ("jax", "torch"):
     if side in main_case:
       results[side] = {"samples_per_s": main_case[side]["samples_per_s"],
@@ -788,6 +862,9 @@ def run(args, workdir: Path):
   if "speedup" in main_case:
     results["speedup"] = main_case["speedup"]
     results["speedup_cpu_time"] = main_case["speedup_cpu_time"]
+  if no_dropout is not None and no_dropout is not main_case and "jax" in main_case:
+    # Our round with dropout against ours without it (1.0: dropout costs nothing).
+    results["jax_dropout_vs_none"] = main_case["jax"]["samples_per_s"] / no_dropout["jax"]["samples_per_s"]
   text = table(results)
   print(text)
   if args.table:
