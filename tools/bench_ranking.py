@@ -123,13 +123,14 @@ def main():
     catalog = recommend.prepare_catalog(params, cfg, tokenizer, titles, texts[:2], rcfg)
     prepared = time.perf_counter() - start
     rank = lambda: recommend.rank_client(params, adapters, cfg, lcfg, tokenizer, catalog, prompts, histories, rcfg)
-    ranking, cold = timed(rank)
+    ranking, cold = timed(rank, f"{mode} ours, cold")
     line = f"{mode:12s} catalog {prepared:6.1f} s   rank cold {cold:6.1f} s"
     if torch_model is not None:
-      torch_result, torch_seconds, torch_prepared = torch_rank(torch_model, tokenizer, mode, prompts, titles,
-                                                               catalog.responses, histories, rcfg)
+      (torch_result, torch_seconds, torch_prepared), _ = timed(
+          lambda: torch_rank(torch_model, tokenizer, mode, prompts, titles, catalog.responses, histories, rcfg),
+          f"{mode} torch (catalog included)")
     if args.warm or torch_model is not None:
-      ranking, warm = timed(rank)
+      ranking, warm = timed(rank, f"{mode} ours, warm")
       line += f"   warm {warm:6.1f} s"
     seconds = warm if args.warm or torch_model is not None else cold
     generated = np.mean([len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ranking.predictions])
@@ -142,10 +143,13 @@ def main():
             f"same {'prediction' if mode == 'grounding' else 'top item'}: {same:.0%}")
 
 
-def timed(fn):
-  start = time.perf_counter()
+def timed(fn, label: str):
+  """(fn(), wall seconds); prints the wall and CPU seconds (all threads), which on a loaded machine differ."""
+  start, cpu = time.perf_counter(), time.process_time()
   out = fn()
-  return out, time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  print(f"  {label}: {seconds:.1f} s, {time.process_time() - cpu:.1f} CPU-s", flush=True)
+  return out, seconds
 
 
 # ----------------------------------------------------------------------------------------------------
