@@ -20,6 +20,7 @@ from fellrec_jax.federated import optimizer as optimizer_lib
 from fellrec_jax.federated import participation
 from fellrec_jax.federated import sharding
 from fellrec_jax.federated import split_learning
+from fellrec_jax.federated import stream
 from fellrec_jax.federated import training
 from fellrec_jax.model import split as split_lib
 from fellrec_jax.run import distributed
@@ -74,16 +75,23 @@ def train_clients(run: Run, clients, batches, anchors, ctx):
 
 
 def lane_schedule(run: Run, batches) -> training.LaneSchedule | None:
-  """With partial participation and lanes, the participants' lane schedule padded to the most waves any
-  m participants can need, so that every round has the same shapes (one compilation); else None."""
+  """With partial participation and lanes, the participants' lane schedule padded with idle waves to a
+  bucket (`wave_bucket`), so that rounds share a few shapes and compilations while the padding costs at
+  most about 1/16 of the waves; else None."""
   m = batches.step_mask.shape[0]
   per_round = run.config.fed.get("clients_per_round", 0)
   if not 0 < per_round < run.num_train_clients or not 0 < run.lanes < m:
     return None
   schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
-  waves = max_waves(run.train_plan.client_steps, m, run.lanes)
+  waves = wave_bucket(schedule.client.shape[0], max_waves(run.train_plan.client_steps, m, run.lanes))
   pad = lambda x: np.concatenate([x, np.zeros((waves - x.shape[0], x.shape[1]), x.dtype)])
   return training.LaneSchedule(*(pad(x) for x in schedule))
+
+
+def wave_bucket(waves: int, bound: int) -> int:
+  """`waves` rounded up to a multiple of 8, or to 1/16 of its power of two when larger (stream.round_up),
+  never beyond `bound`, the most any round can need."""
+  return min(bound, max(stream.round_up(waves), -(-waves // 8) * 8))
 
 
 def max_waves(client_steps, m: int, lanes: int) -> int:
