@@ -1,6 +1,8 @@
 """Greedy and beam search equal transformers' generate(do_sample=False), token for token, with or without a
 prompt prefix encoded once."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -134,10 +136,12 @@ def test_scanned_layers_give_the_same_beams(peaky, monkeypatch):
   """Models deeper than UNROLL_LAYERS run their layers as a scan with the cache in the carry."""
   hf, cfg, params, ids, mask = peaky
   kwargs = dict(cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=4, eos_id=2, pad_id=0)
+  search = lambda: functools.partial(generation.beam_search.__wrapped__, **kwargs)  # a new function: traced anew
+  has_scan = lambda: "scan[" in str(jax.make_jaxpr(search())(params, {}, ids, mask))
   unrolled = generation.beam_search(params, {}, ids, mask, **kwargs)
+  assert not has_scan()
   monkeypatch.setattr(model_lib, "UNROLL_LAYERS", 1)
-  jax.clear_caches()
-  scanned = generation.beam_search(params, {}, ids, mask, **kwargs)
-  jax.clear_caches()
+  assert has_scan()
+  scanned = jax.jit(search())(params, {}, ids, mask)
   np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
   np.testing.assert_allclose(np.asarray(scanned.scores), np.asarray(unrolled.scores), rtol=1e-5)
