@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 
+import numpy as np
 import pytest
 
 from configs import study as study_config
@@ -77,10 +78,11 @@ def test_a_method_override_of_a_missing_field_or_aggregator_is_an_error_naming_i
 
 def _report(overall, clients):
   """An eval.json report: overall recall/ndcg and per-client recall@10 (balance from them)."""
-  balance = {"std": float(__import__("numpy").std(clients)), "min": min(clients), "max": max(clients)}
+  balance = {"std": float(np.std(clients)), "min": min(clients), "max": max(clients)}
   names = comparison.TABLE_METRICS
   popularity = {"overall": {m: 0.01 for m in names}, "balance": {m: {"std": 0, "min": 0, "max": 0} for m in names},
-                "clients": [{"client": c, "num_test_users": 1, **{m: 0.01 for m in names}} for c in range(len(clients))]}
+                "clients": [{"client": c, "num_test_users": 1, **{m: 0.01 for m in names}}
+                            for c in range(len(clients))]}
   return {"overall": {m: overall for m in names}, "balance": {m: dict(balance) for m in names},
           "clients": [{"client": c, "num_test_users": 1, **{m: v for m in names}} for c, v in enumerate(clients)],
           "baselines": {"popularity": popularity}}
@@ -114,7 +116,8 @@ def test_render_study_writes_the_tables_from_compare_json_between_the_markers(tm
   s = _study_on_disk(tmp_path, study)
   doc = tmp_path / "docs" / "study.md"
   doc.parent.mkdir()
-  doc.write_text(f"# Study\n\nwritten by hand\n\n{comparison.DOC_BEGIN}\nold tables\n{comparison.DOC_END}\n\nconclusions\n")
+  doc.write_text(f"# Study\n\nwritten by hand\n\n{comparison.DOC_BEGIN}\nold tables\n{comparison.DOC_END}"
+                 "\n\nconclusions\n")
   comparison.render_study(s, tmp_path / "runs", ["synthetic"], doc)
   text = doc.read_text()
   assert text.startswith("# Study\n\nwritten by hand\n") and text.endswith("\n\nconclusions\n")
@@ -125,7 +128,8 @@ def test_render_study_writes_the_tables_from_compare_json_between_the_markers(tm
   assert "| popularity | 0.010 [0.010, 0.010] |" in text
   overall = [line for line in text.splitlines() if line.startswith("| FELLRec alpha=0.7 beta=1 (per-client init) | 0.")]
   # FELLRec: mean 0.25, sample std 0.04, half width 4.303 * 0.04 / sqrt(3) = 0.0994; worst client 0.18, 0.2, 0.25.
-  assert len(overall) == 1 and overall[0].startswith("| FELLRec alpha=0.7 beta=1 (per-client init) | 0.250 [0.151, 0.349] |")
+  assert len(overall) == 1
+  assert overall[0].startswith("| FELLRec alpha=0.7 beta=1 (per-client init) | 0.250 [0.151, 0.349] |")
   assert "| 0.210 [0.120, 0.300] |" in overall[0]
   # Paired: differences 0.01, 0.03, 0.05 (3/3 seeds higher).
   paired = [line for line in text.splitlines() if "+0.010, +0.030, +0.050" in line]

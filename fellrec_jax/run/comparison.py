@@ -189,7 +189,8 @@ def summary_table(summary: dict, metric_names: Sequence[str]) -> str:
 
 def run_study(study, workdir, settings: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict:
   """Run (or resume) `study`'s comparison in each setting (default: study.run_settings) under
-  workdir/<setting>, stage by stage (study.stages), on its seeds (or only `seeds`, a subset of them); log each invocation's wall time to workdir/study_log.jsonl. Returns {setting: reports}."""
+  workdir/<setting>, stage by stage (study.stages), on its seeds (or only `seeds`, a subset of them); log
+  each invocation's wall time to workdir/study_log.jsonl. Returns {setting: reports}."""
   workdir = Path(workdir)
   settings = list(settings or study.run_settings)
   unknown = [s for s in settings if s not in study.settings]
@@ -308,7 +309,8 @@ def method_label(name: str, overrides: Mapping) -> str:
            "centralized": "centralized", "popularity": "popularity"}.get(aggregator, aggregator)
   if aggregator == "fellrec":
     f = overrides.get("fellrec", {})
-    label += f" alpha={f.get('alpha'):g} beta={f.get('beta'):g} ({fed.get('adapter_init', 'per_client').replace('_', '-')} init)"
+    init = fed.get("adapter_init", "per_client").replace("_", "-")
+    label += f" alpha={f.get('alpha'):g} beta={f.get('beta'):g} ({init} init)"
   return label
 
 
@@ -348,9 +350,10 @@ def setting_section(name: str, study, summary: Mapping, figures: Sequence[tuple[
     for method, e in paired:
       d = e["recall@10"][f"vs_{base}"]
       per_seed = ", ".join(f"{v:+.3f}" for v in d["values"])
+      balance = e["recall@10"]["balance"]
       lines.append(f"| {label(method)} | {_signed(d)} ({d['higher']}/{d['n']}) | {per_seed} | "
-                   f"{_signed(e['ndcg@10'][f'vs_{base}'])} | {_signed(e['recall@10']['balance']['std'][f'vs_{base}'])} | "
-                   f"{_signed(e['recall@10']['balance']['min'][f'vs_{base}'])} |")
+                   f"{_signed(e['ndcg@10'][f'vs_{base}'])} | {_signed(balance['std'][f'vs_{base}'])} | "
+                   f"{_signed(balance['min'][f'vs_{base}'])} |")
   for caption, path in figures:
     lines += ["", f"![{caption}]({path})"]
   return "\n".join(lines) + "\n"
