@@ -166,12 +166,13 @@ def make_torch_side(cfg, params, lcfg, adapters):
 
   from fellrec_jax.model import hf_interop
 
-  directory = Path(tempfile.mkdtemp(prefix="bench_ranking_"))
-  hf_interop.save_llama(directory / "base", cfg, params)
-  hf_interop.save_peft_adapter(directory / "lora", adapters, lcfg)
-  torch.manual_seed(0)
-  model = LlamaForCausalLM.from_pretrained(str(directory / "base"), torch_dtype=torch.float32)
-  return peft.PeftModel.from_pretrained(model, str(directory / "lora")).eval()
+  with tempfile.TemporaryDirectory(prefix="bench_ranking_") as directory:  # the weights are read into memory
+    directory = Path(directory)
+    hf_interop.save_llama(directory / "base", cfg, params)
+    hf_interop.save_peft_adapter(directory / "lora", adapters, lcfg)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(str(directory / "base"), torch_dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(model, str(directory / "lora")).eval()
 
 
 def _left_padded(token_lists, pad_id):
