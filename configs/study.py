@@ -14,7 +14,7 @@ import ml_collections
 from configs import default
 from configs import games
 
-SEEDS = (0, 1, 2, 3, 4)  # each seed: the partition, the adapter initialisation and the data order
+SEEDS = (0, 1, 2, 3, 4)  # each seed: the partition, adapter initialisation, data order and the tiny base
 # FELLRec's grid, fixed in advance: alpha 0.7 and beta 1 or 5 are the reference's settings, alpha 0.35 halves
 # the warm weight's scale. Every point runs with per-client adapter initialisation (the reference's).
 ALPHAS = (0.35, 0.7)
@@ -32,8 +32,8 @@ def fellrec_arm(alpha: float, beta: float, adapter_init: str = "per_client") -> 
 
 
 def arms() -> dict[str, dict]:
-  """Every method of the study: {name: {config section: {field: value}}} applied to a setting's config, in
-  the order they run (each on every seed): FedAvg and FELLRec's reference point first."""
+  """Every method of the study: {name: {config section: {field: value}}} applied to a setting's config;
+  FedAvg and FELLRec's reference point first (the order of `methods` and `stages`)."""
   reference = fellrec_arm(*SHARED_INIT_POINT)
   out = {"fedavg": _baseline("fedavg"), reference[0]: reference[1]}
   out.update([fellrec_arm(*SHARED_INIT_POINT, adapter_init="shared")])
