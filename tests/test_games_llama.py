@@ -20,8 +20,10 @@ def llama_1b_config(path):
 @pytest.mark.parametrize("arg", [None, "smoke", "reference"])
 def test_recipe_is_valid_and_its_split_fits_a_1b_llama(arg, tmp_path):
   c = games_llama.get_config(arg)
-  setup_lib.validate_config(c)
   assert c.model.dtype == "bfloat16" and c.model.hf_dir == c.data.tokenizer_path == games_llama.HF_DIR
+  llama_1b_config(tmp_path)
+  c.model.hf_dir = str(tmp_path)  # the recipe's checkpoint stands in by its config.json alone
+  setup_lib.validate_config(c)
   assert (c.model.loss_chunk, c.fed.clients_per_chunk, c.train.accum_steps) == (2048, 1, 4)
   assert c.data.batch_size % c.train.accum_steps == 0
   split_lib.check_split(llama_1b_config(tmp_path), c.fed.split_k)
