@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fellrec_jax.federated import sharding
+
 _SAMPLE, _DROPOUT = 1, 2  # independent random streams per (seed, round)
 
 
@@ -37,7 +39,8 @@ class Outcome(NamedTuple):
 
 
 def outcome(roster: Roster, finite) -> Outcome:
-  finite = np.asarray(finite)
+  """The round's outcome from `finite_clients`' [m] flags (gathered from every process: a collective)."""
+  finite = np.asarray(sharding.to_host(finite), bool)
   return Outcome(roster, finite, finite & ~roster.dropped)
 
 

@@ -223,6 +223,7 @@ def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[Tra
   ctx = round_context(run, state, round_index, part)
   clients, global_clients, metrics, outcome, matrix, heat, similarity = local_and_aggregate(
       run, state, round_index, roster, batches, ctx)
+  metrics, matrix, similarity = sharding.to_host((metrics, matrix, similarity))  # every process's clients
   changed = changed_clients(run, outcome)
   val = updated_validation(run, state, clients.adapters, valid, changed)
   weighted = weighted_val_loss(run, val)
