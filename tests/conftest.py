@@ -1,8 +1,17 @@
 """Shared test helpers: tiny random Hugging Face Llama models and their fellrec_jax twins."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite, its xdist workers and the runs it starts in
+# subprocesses: many tests compile the same programs (the smoke runs' rounds, validation, evaluation), and
+# on 2 CPU cores compiling is most of such a test's time. Entries are keyed by the program, the jax version
+# and the devices, so a hit is the executable the test would have compiled.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
