@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The GPU benchmark end to end, within 10 minutes: our round against the PyTorch baseline (transformers +
-# PEFT, clients one after another) on a ~1.1B-parameter Llama (TinyLlama's shape) in bfloat16, at 16 and
-# 32 clients, with the reference's LoRA dropout 0.05 on both sides (LORA_DROPOUT=0 for none); writes the
-# table, the JSON and the device's name to $OUT.
+# The GPU benchmark end to end, within 10 minutes, in three timed parts (each with its own limit, so that
+# one slow part cannot take the others' time):
+#   1. training: our round against the PyTorch baseline (transformers + PEFT, clients one after another) on a
+#      ~1.1B-parameter Llama (TinyLlama's shape) in bfloat16, at 16 and 32 clients, with the reference's
+#      LoRA dropout 0.05 on both sides (LORA_DROPOUT=0 for none): gpu_benchmark.md / .json;
+#   2. evaluation: tools/bench_ranking.py --quick --torch (generation + grounding, and likelihood ranking,
+#      against transformers' generate(num_beams=4) on the same model and catalog): bench_ranking.log;
+#   3. many clients: tools/client_scaling.py, SCALING_CLIENTS (1,000) clients of one user each with
+#      SCALING_PER_ROUND (100) taking part per round: seconds per trained sample, peak memory: scaling.json.
+# Writes the device's name and the library versions to $OUT/environment.txt.
 #
 #   bash tools/gpu_benchmark.sh                      # on a machine whose python3 has jax[cuda], torch, peft
-#   PRESET=tiny CLIENTS=2 PYTHON=.venv/bin/python OUT=/tmp/gpub bash tools/gpu_benchmark.sh   # dry run on a CPU
+#   PRESET=tiny CLIENTS=2 SCALING_CLIENTS=40 SCALING_PER_ROUND=8 PYTHON=.venv/bin/python OUT=/tmp/gpub \
+#     bash tools/gpu_benchmark.sh                    # dry run on a CPU
 #
 # A machine without network access and without ml-collections: put its wheel (pure Python, imported from
 # the zip) in .gpu_wheels/ at the top of the checkout first:
@@ -20,7 +27,12 @@ PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gpu1b}
 CLIENTS=${CLIENTS:-16,32}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}
-BUDGET_S=${BUDGET_S:-540}  # the benchmark's own limit, under the device's 10-minute command limit
+SCALING_CLIENTS=${SCALING_CLIENTS:-1000}
+SCALING_PER_ROUND=${SCALING_PER_ROUND:-100}
+# Each part's limit; together 560 s, under a 10-minute command limit with the start-up around them.
+TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-360}
+EVAL_BUDGET_S=${EVAL_BUDGET_S:-100}
+SCALING_BUDGET_S=${SCALING_BUDGET_S:-100}
 mkdir -p "$OUT"
 
 for wheel in .gpu_wheels/*.whl; do
@@ -39,7 +51,13 @@ print("jax devices", jax.devices())
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/environment.txt" 2>&1 || true
 
-timeout "$BUDGET_S" "$PYTHON" tools/benchmark.py --preset "$PRESET" --clients "$CLIENTS" --ks "" --reps 3 \
+status=0
+timeout "$TRAIN_BUDGET_S" "$PYTHON" tools/benchmark.py --preset "$PRESET" --clients "$CLIENTS" --ks "" --reps 3 \
   --lora_dropout "$LORA_DROPOUT" \
-  --out "$OUT/gpu_benchmark.json" --table "$OUT/gpu_benchmark.md" 2>&1 | tee "$OUT/gpu_benchmark.log"
-echo "wrote $OUT/gpu_benchmark.md and $OUT/gpu_benchmark.json"
+  --out "$OUT/gpu_benchmark.json" --table "$OUT/gpu_benchmark.md" 2>&1 | tee "$OUT/gpu_benchmark.log" || status=1
+timeout "$EVAL_BUDGET_S" "$PYTHON" tools/bench_ranking.py --quick --torch 2>&1 | tee "$OUT/bench_ranking.log" || status=1
+timeout "$SCALING_BUDGET_S" "$PYTHON" tools/client_scaling.py --clients "$SCALING_CLIENTS" \
+  --per_round "$SCALING_PER_ROUND" --rounds 3 --workdir "$OUT/scaling" 2>&1 | tee "$OUT/scaling.log" || status=1
+tail -n 1 "$OUT/scaling.log" >"$OUT/scaling.json" || true
+echo "wrote $OUT/gpu_benchmark.md, gpu_benchmark.json, bench_ranking.log and scaling.json (status $status)"
+exit "$status"
