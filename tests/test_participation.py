@@ -153,7 +153,8 @@ def test_padded_lane_schedules_take_few_shapes():
   bound = rounds.max_waves(steps, 100, 3)
   config = default.get_config("smoke")
   config.fed.clients_per_round = 100
-  run = SimpleNamespace(config=config, num_train_clients=400, lanes=3, train_plan=SimpleNamespace(client_steps=steps))
+  run = SimpleNamespace(config=config, num_train_clients=400, lanes=3, train_plan=SimpleNamespace(client_steps=steps),
+                        round_shapes=None)
   shapes = set()
   for _ in range(50):
     subset = np.sort(rng.choice(400, 100, replace=False))
@@ -168,6 +169,43 @@ def test_padded_lane_schedules_take_few_shapes():
       np.testing.assert_array_equal(got[:waves], want)
       assert not got[waves:].any()
   assert len(shapes) <= 6 and all(w % 8 == 0 or w == bound for w, _ in shapes)  # 50 rounds, a few compilations
+
+
+@pytest.mark.parametrize("lanes", [0, 1], ids=["all_at_once", "lanes"])
+def test_every_round_of_a_partial_participation_run_runs_one_program(tmp_path, monkeypatch, lanes):
+  """rounds.plan_round_shapes covers every round's participants: all rounds hand the compiled round the
+  same stream budgets and batch (or lane wave) shapes, so it compiles once, where the rounds' own budgets
+  differ (without the plan, several programs)."""
+  config = default.get_config("smoke")
+  config.fed.num_clients, config.fed.clients_per_round, config.fed.rounds = 8, 3, 8
+  config.fed.clients_per_chunk = lanes
+  config.pretrain.steps, config.model.num_layers = 2, 2
+  run = rounds.plan_round_shapes(setup_lib.setup(config, tmp_path))
+  given, own = [], []
+  real_raise = training.raise_budgets
+
+  def raise_budgets(budget, floor):
+    own.append(budget)
+    return real_raise(budget, floor)
+
+  def compiled_round(base, states, batches, *args, lc, budget, **kwargs):  # stands in for the jitted round
+    given.append((budget, batches.tokens.shape))
+    m = states.rng.shape[0]
+    return states, training.ClientMetrics(jnp.full(m, 2.0), jnp.ones(m, jnp.int32), jnp.ones(m))
+
+  monkeypatch.setattr(training, "raise_budgets", raise_budgets)
+  monkeypatch.setattr(training, "_streamed_round_jit", compiled_round)
+  monkeypatch.setattr(training, "_lanes_round_jit", compiled_round)
+  clients = state_lib.init_state(run).clients
+  ctx = training.RoundContext(jnp.int32(0), jnp.ones(3, jnp.float32))
+  for r in range(config.fed.rounds):
+    part = participation.sample_participants(config.seed, r, np.ones(8, bool), 3)
+    batches = rounds.client_data(run, lambda slots: batching.round_batches(run.train_plan, r, part[slots]), 3)
+    rounds.train_clients(run, participation.gather(clients, jnp.asarray(part)), batches, None, ctx)
+  assert len(given) == config.fed.rounds and len(set(given)) == 1, given
+  assert given[0][0] == run.round_shapes.budgets
+  assert (run.round_shapes.waves > 0) == (lanes > 0)
+  assert len(set(own)) > 1  # the rounds' own budgets differ: without the plan, more than one compilation
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -451,8 +451,11 @@ def _multiprocess_budgets(batches: ClientBatches, lc: LocalConfig) -> tuple[stre
 
 
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
-                ctx: RoundContext, *, lc: LocalConfig, lanes: int = 0, schedule: LaneSchedule | None = None):
+                ctx: RoundContext, *, lc: LocalConfig, lanes: int = 0, schedule: LaneSchedule | None = None,
+                min_budget: tuple[stream.Budgets, ...] | None = None):
   """All clients' local training for one round from [C, S, ...] batches; `lanes` clients at once (0: all).
+  `min_budget`: stream budgets this round's are raised to (`round_budgets` of the run's largest round, so
+  that every round runs one compiled program).
 
   Returns the new ClientStates (the given ones are donated) and ClientMetrics.
   """
@@ -462,21 +465,36 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if not by_lanes:
     batches = ClientBatches(*batches[:5])
     mesh = client_mesh(states) if streamed else None
+    if streamed:
+      budget = raise_budgets(round_budgets(batches, lc, mesh=mesh), min_budget)
     if mesh is not None:
-      budget = stream_budgets(batches, lc, shards=mesh.shape["clients"])
       return _sharded_streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx,
                                          lc=lc, budget=budget, mesh=mesh)
     if streamed:
-      budget = stream_budgets(batches, lc)
       return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
                                  budget=budget)
     return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = stream_budgets(waves, lc, waves=True) if streamed else None  # streamed lanes: one device
+  budget = raise_budgets(round_budgets(waves, lc, waves=True), min_budget) if streamed else None  # one device
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
                           prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
+
+
+def round_budgets(batches, lc: LocalConfig, waves: bool = False, mesh=None) -> tuple[stream.Budgets, ...]:
+  """The stream budgets a round of `batches` needs: over waves (`arrange`) on the lanes path, per device
+  shard on a client mesh (`client_mesh`), else over all clients' steps."""
+  return stream_budgets(batches, lc, waves=waves, shards=mesh.shape["clients"] if mesh is not None else 1)
+
+
+def raise_budgets(budget: tuple[stream.Budgets, ...], floor: tuple[stream.Budgets, ...] | None):
+  """Each group's budget raised to `floor`'s (None: unchanged)."""
+  if floor is None:
+    return budget
+  if len(floor) != len(budget):
+    raise ValueError(f"{len(budget)} stream groups, but a floor of {len(floor)}")
+  return tuple(stream.Budgets(max(a.tokens, b.tokens), max(a.rows, b.rows)) for a, b in zip(budget, floor))
 
 
 def sequential_local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,

@@ -70,20 +70,59 @@ def round_context(run: Run, state: TrainState, round_index: int, clients: np.nda
 def train_clients(run: Run, clients, batches, anchors, ctx):
   """One local round; without anchors there is no proximal term (ditto's global models)."""
   lc = run.lc if anchors is not None else dataclasses.replace(run.lc, prox_mu=0.0)
+  shapes = run.round_shapes
   return training.local_round(run.base, clients, batches, run.data.prefix_ids, run.data.prefix_loss_mask,
-                               anchors, ctx, lc=lc, lanes=run.lanes, schedule=lane_schedule(run, batches))
+                               anchors, ctx, lc=lc, lanes=run.lanes, schedule=lane_schedule(run, batches),
+                               min_budget=shapes.budgets if shapes is not None else None)
+
+
+class RoundShapes(NamedTuple):
+  """What every round of a partial-participation run is padded to (`plan_round_shapes`)."""
+
+  waves: int  # lane waves of the round's schedule (0: the rounds do not run by lanes)
+  budgets: tuple[stream.Budgets, ...]  # the streams' budgets
+
+
+def plan_round_shapes(run: Run) -> Run:
+  """With partial participation (fed.clients_per_round), `run` with the most lane waves and the largest
+  stream budgets over all its rounds, each round's taken from its seeded participants and their batches
+  (host-side, once): every round then runs one compiled program. A round that needs more (a retired client
+  changed who takes part) raises them for itself (one more compilation). Else `run` unchanged."""
+  per_round = run.config.fed.get("clients_per_round", 0)
+  if not 0 < per_round < run.num_train_clients or jax.process_count() > 1:
+    return run
+  start, eligible = time.perf_counter(), np.ones(run.num_train_clients, bool)
+  mesh = run.mesh if run.mesh.shape.get("clients", 1) > 1 and run.mesh.shape.get("model", 1) == 1 else None
+  waves, budgets = 0, None
+  for r in range(run.config.fed.rounds):
+    part = participation.sample_participants(run.config.seed, r, eligible, per_round)
+    batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
+    schedule = lane_schedule(run, batches)
+    if schedule is not None:
+      waves = max(waves, schedule.client.shape[0])
+      need = training.round_budgets(training.arrange(batches, schedule), run.lc, waves=True)
+    else:
+      need = training.round_budgets(batches, run.lc, mesh=mesh)
+    budgets = training.raise_budgets(need, budgets)
+  logger.info("every round padded to %s lane waves and stream budgets %s (planned in %.1f s)", waves or "no",
+              [tuple(b) for b in budgets], time.perf_counter() - start)
+  return dataclasses.replace(run, round_shapes=RoundShapes(waves, budgets))
 
 
 def lane_schedule(run: Run, batches) -> training.LaneSchedule | None:
-  """With partial participation and lanes, the participants' lane schedule padded with idle waves to a
-  bucket (`wave_bucket`), so that rounds share a few shapes and compilations while the padding costs at
-  most about 1/16 of the waves; else None."""
+  """With partial participation and lanes, the participants' lane schedule padded with idle waves to the
+  run's planned waves (`plan_round_shapes`), or else to a bucket (`wave_bucket`: rounds share a few shapes
+  and compilations while the padding costs at most about 1/16 of the waves); else None."""
   m = batches.step_mask.shape[0]
   per_round = run.config.fed.get("clients_per_round", 0)
   if not 0 < per_round < run.num_train_clients or not 0 < run.lanes < m:
     return None
   schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
-  waves = wave_bucket(schedule.client.shape[0], max_waves(run.train_plan.client_steps, m, run.lanes))
+  waves = schedule.client.shape[0]
+  if run.round_shapes is not None and run.round_shapes.waves:
+    waves = max(waves, run.round_shapes.waves)
+  else:
+    waves = wave_bucket(waves, max_waves(run.train_plan.client_steps, m, run.lanes))
   pad = lambda x: np.concatenate([x, np.zeros((waves - x.shape[0], x.shape[1]), x.dtype)])
   return training.LaneSchedule(*(pad(x) for x in schedule))
 

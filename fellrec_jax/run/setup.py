@@ -50,6 +50,7 @@ class Run:
   mesh: Any
   train_plan: batching.BatchPlan  # the plan training batches come from (one merged client if centralized)
   num_train_clients: int
+  round_shapes: Any = None  # rounds.RoundShapes with partial participation (rounds.plan_round_shapes), else None
 
   @property
   def num_clients(self) -> int:

@@ -54,7 +54,7 @@ def train(config, workdir) -> dict:
   Raises Preempted when SIGTERM arrives: the round under way finishes and is checkpointed first.
   """
   with preemption_notice() as notice:
-    run = setup_lib.setup(config, workdir)
+    run = rounds.plan_round_shapes(setup_lib.setup(config, workdir))
     if distributed.is_main():
       files.write_json(run.workdir / "config.json", setup_lib.config_dict(config))
     mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
