@@ -171,13 +171,14 @@ def test_padded_lane_schedules_take_few_shapes():
   assert len(shapes) <= 6 and all(w % 8 == 0 or w == bound for w, _ in shapes)  # 50 rounds, a few compilations
 
 
-@pytest.mark.parametrize("lanes", [0, 1], ids=["all_at_once", "lanes"])
-def test_every_round_of_a_partial_participation_run_runs_one_program(tmp_path, monkeypatch, lanes):
+@pytest.mark.parametrize("per_round,lanes", [(3, 0), (3, 1), (0, 0), (0, 3)],
+                         ids=["3_at_once", "3_by_lanes", "all_at_once", "all_by_lanes"])
+def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round, lanes):
   """rounds.plan_round_shapes covers every round's participants: all rounds hand the compiled round the
   same stream budgets and batch (or lane wave) shapes, so it compiles once, where the rounds' own budgets
   differ (without the plan, several programs)."""
   config = default.get_config("smoke")
-  config.fed.num_clients, config.fed.clients_per_round, config.fed.rounds = 8, 3, 8
+  config.fed.num_clients, config.fed.clients_per_round, config.fed.rounds = 8, per_round, 8
   config.fed.clients_per_chunk = lanes
   config.pretrain.steps, config.model.num_layers = 2, 2
   run = rounds.plan_round_shapes(setup_lib.setup(config, tmp_path))
@@ -197,15 +198,17 @@ def test_every_round_of_a_partial_participation_run_runs_one_program(tmp_path, m
   monkeypatch.setattr(training, "_streamed_round_jit", compiled_round)
   monkeypatch.setattr(training, "_lanes_round_jit", compiled_round)
   clients = state_lib.init_state(run).clients
-  ctx = training.RoundContext(jnp.int32(0), jnp.ones(3, jnp.float32))
   for r in range(config.fed.rounds):
-    part = participation.sample_participants(config.seed, r, np.ones(8, bool), 3)
-    batches = rounds.client_data(run, lambda slots: batching.round_batches(run.train_plan, r, part[slots]), 3)
+    part = participation.sample_participants(config.seed, r, np.ones(8, bool), per_round)
+    batches = rounds.client_data(run, lambda slots: batching.round_batches(run.train_plan, r, part[slots]),
+                                 len(part))
+    ctx = training.RoundContext(jnp.int32(0), jnp.ones(len(part), jnp.float32))
     rounds.train_clients(run, participation.gather(clients, jnp.asarray(part)), batches, None, ctx)
   assert len(given) == config.fed.rounds and len(set(given)) == 1, given
   assert given[0][0] == run.round_shapes.budgets
-  assert (run.round_shapes.waves > 0) == (lanes > 0)
-  assert len(set(own)) > 1  # the rounds' own budgets differ: without the plan, more than one compilation
+  assert (run.round_shapes.waves > 0) == (per_round > 0 and lanes > 0)  # all clients: the same waves anyway
+  if per_round or lanes:  # the rounds' own budgets differ: without the plan, more than one compilation
+    assert len(set(own)) > 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -77,35 +77,39 @@ def train_clients(run: Run, clients, batches, anchors, ctx):
 
 
 class RoundShapes(NamedTuple):
-  """What every round of a partial-participation run is padded to (`plan_round_shapes`)."""
+  """What every round of a run is padded to (`plan_round_shapes`)."""
 
-  waves: int  # lane waves of the round's schedule (0: the rounds do not run by lanes)
+  waves: int  # lane waves of the round's schedule (0: the rounds do not run by lanes, or not padded)
   budgets: tuple[stream.Budgets, ...]  # the streams' budgets
 
 
 def plan_round_shapes(run: Run) -> Run:
-  """With partial participation (fed.clients_per_round), `run` with the most lane waves and the largest
-  stream budgets over all its rounds, each round's taken from its seeded participants and their batches
-  (host-side, once): every round then runs one compiled program. A round that needs more (a retired client
-  changed who takes part) raises them for itself (one more compilation). Else `run` unchanged."""
-  per_round = run.config.fed.get("clients_per_round", 0)
-  if not 0 < per_round < run.num_train_clients or jax.process_count() > 1:
+  """`run` with the largest stream budgets (and, with partial participation, the most lane waves) over all
+  its rounds, each round's taken from its participants (seeded, no client retired) and their batches,
+  host-side, once: every round then runs one compiled program, where each round's own budgets would make
+  a new one. A round that needs more (a retired client changed who takes part) raises them for itself (one
+  more compilation). A multi-process run is returned unchanged (each process holds only its clients)."""
+  if jax.process_count() > 1:
     return run
+  per_round = run.config.fed.get("clients_per_round", 0)
   start, eligible = time.perf_counter(), np.ones(run.num_train_clients, bool)
   mesh = run.mesh if run.mesh.shape.get("clients", 1) > 1 and run.mesh.shape.get("model", 1) == 1 else None
   waves, budgets = 0, None
   for r in range(run.config.fed.rounds):
     part = participation.sample_participants(run.config.seed, r, eligible, per_round)
     batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
-    schedule = lane_schedule(run, batches)
+    schedule = padded = lane_schedule(run, batches)  # partial participation by lanes: padded waves
+    if padded is not None:
+      waves = max(waves, padded.client.shape[0])
+    elif 0 < run.lanes < len(part):  # every client, by lanes: the schedule local_round makes
+      schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
     if schedule is not None:
-      waves = max(waves, schedule.client.shape[0])
       need = training.round_budgets(training.arrange(batches, schedule), run.lc, waves=True)
     else:
       need = training.round_budgets(batches, run.lc, mesh=mesh)
     budgets = training.raise_budgets(need, budgets)
-  logger.info("every round padded to %s lane waves and stream budgets %s (planned in %.1f s)", waves or "no",
-              [tuple(b) for b in budgets], time.perf_counter() - start)
+  logger.info("every round padded to stream budgets %s%s (planned in %.1f s)", [tuple(b) for b in budgets],
+              f" and {waves} lane waves" if waves else "", time.perf_counter() - start)
   return dataclasses.replace(run, round_shapes=RoundShapes(waves, budgets))
 
 
