@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from fellrec_jax import files
+from fellrec_jax.run import adapters as adapters_lib
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import train
 from test_train import smoke
@@ -185,6 +187,24 @@ def test_a_damaged_state_file_is_skipped_and_a_damaged_given_step_is_an_error(tm
   assert (step, damaged) == (1, [2])
   with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/2: damaged checkpoint"):
     checkpoint.restore(mngr, like, step=2)
+
+
+def test_export_reads_the_checkpoint_before_a_damaged_latest_one(tmp_path, reference, caplog):
+  """tools/export_adapters.py's reader: a damaged latest checkpoint is skipped for the previous one (nothing
+  moved); a damaged step asked for by number is an error."""
+  _, finished, _ = reference
+  workdir = tmp_path / "run"
+  shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
+  step, good = adapters_lib.read_checkpoint_adapters(workdir, "last", step=1)
+  for data in (workdir / "checkpoints/2/state").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:7])
+  got_step, got = adapters_lib.read_checkpoint_adapters(workdir, "last")
+  assert (step, got_step) == (1, 1) and "checkpoints/2: damaged checkpoint, skipped" in caplog.text
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(good)):
+    np.testing.assert_array_equal(a, b)
+  assert (workdir / "checkpoints/2").exists()  # a reader moves nothing
+  with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/2: damaged checkpoint"):
+    adapters_lib.read_checkpoint_adapters(workdir, "last", step=2)
 
 
 def test_a_torn_metrics_line_is_removed_and_a_torn_middle_line_is_an_error(tmp_path, caplog):

@@ -61,7 +61,9 @@ def read_checkpoint_adapters(workdir, which: str = "best", step: int | None = No
   """(step, client-stacked adapters [C, ...] as numpy) from the run's Orbax checkpoint (the latest by default).
 
   which = "best": each client's best adapters; "last": the adapters clients trained in the last round (a
-  centralized run has one model: one row).
+  centralized run has one model: one row). Without `step`, a damaged latest checkpoint (a crash while it
+  was written, a copy cut short) is skipped, with a warning, for the one before it; a given damaged step
+  is an error. Nothing is moved or written.
   """
   if which not in WHICH:
     raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -69,9 +71,23 @@ def read_checkpoint_adapters(workdir, which: str = "best", step: int | None = No
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir} the workdir of a train.py run?)")
   mngr = ocp.CheckpointManager(directory)
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  if not steps or steps[0] not in mngr.all_steps():
     raise FileNotFoundError(f"{directory}: no checkpoint {'' if step is None else step} (steps: {mngr.all_steps()})")
+  for i, s in enumerate(steps):
+    try:
+      return s, _read_adapters(mngr, directory, s, which)
+    except checkpoint.ResumeError:
+      raise
+    except Exception as error:  # Orbax and json raise many kinds for a damaged file
+      reason = f"{type(error).__name__}: {str(error)[:200]}"
+      if i + 1 == len(steps):
+        raise checkpoint.ResumeError(f"{directory / str(s)}: damaged checkpoint ({reason})") from error
+      logger.warning("%s: damaged checkpoint, skipped for the one before it (%s)", directory / str(s), reason)
+  raise AssertionError("unreachable")
+
+
+def _read_adapters(mngr: ocp.CheckpointManager, directory: Path, step: int, which: str) -> dict:
   meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
   if meta.get("layout", 1) != checkpoint.LAYOUT_VERSION:
     raise checkpoint.ResumeError(f"{directory / str(step)}: checkpoint of state layout {meta.get('layout', 1)}; this "
@@ -84,7 +100,7 @@ def read_checkpoint_adapters(workdir, which: str = "best", step: int | None = No
   restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))).state
   adapters = restored["best_adapters"] if which == "best" else restored["clients"]["adapters"]
-  return step, jax.tree.map(np.asarray, adapters)
+  return jax.tree.map(np.asarray, adapters)
 
 
 def write_client_adapters(out_dir, stacked, clients: Sequence[int], lcfg: lora_lib.LoraConfig,
