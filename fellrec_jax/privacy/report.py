@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
+from fellrec_jax import files
 from fellrec_jax.data import pipeline
 from fellrec_jax.federated import sharding
 from fellrec_jax.model import split as split_lib
@@ -157,8 +158,8 @@ def privacy_report(config, workdir) -> dict:
 
 
 def write(report: dict, workdir: Path) -> None:
-  (workdir / "privacy.json").write_text(json.dumps(report, indent=2))
-  (workdir / "privacy.md").write_text(markdown(report))
+  files.write_json(workdir / "privacy.json", report)  # atomic, as every JSON output of a run
+  files.write_text(workdir / "privacy.md", markdown(report))
   plot_by_layer(report, workdir / "privacy_by_layer.png")
 
 
