@@ -18,7 +18,7 @@ DATA = ROOT.parent / "shared/data/games_bigrec"
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   proc = subprocess.run([sys.executable, str(ROOT / "tools/benchmark.py"), "--preset", "tiny", "--quick",
-                         "--reps", "1", "--block", "1", "--steps", "8:2", "--data", str(DATA), "--out", str(out)],
+                         "--reps", "1", "--block", "1", "--steps", "8:3", "--data", str(DATA), "--out", str(out)],
                         cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 8 |" in proc.stdout  # the table is printed
@@ -38,7 +38,7 @@ def test_quick_writes_the_figures(results):
   assert results["jax_dropout_vs_none"] == pytest.approx(dropout["jax"]["samples_per_s"] /
                                                          none["jax"]["samples_per_s"])
   for case in results["cases"]:
-    assert case["clients"] == 8 and case["steps_per_client"] == 2  # --steps 8:2
+    assert case["clients"] == 8 and case["steps_per_client"] == 3  # --steps 8:3
     assert case["samples"] == 8 * case["steps_per_client"] * 8
 
 
