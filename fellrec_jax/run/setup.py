@@ -50,7 +50,7 @@ class Run:
   mesh: Any
   train_plan: batching.BatchPlan  # the plan training batches come from (one merged client if centralized)
   num_train_clients: int
-  round_shapes: Any = None  # rounds.RoundShapes with partial participation (rounds.plan_round_shapes), else None
+  round_shapes: Any = None  # rounds.RoundShapes every round is padded to (rounds.plan_round_shapes); None: its own
 
   @property
   def num_clients(self) -> int:
