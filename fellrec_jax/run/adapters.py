@@ -74,24 +74,15 @@ def read_checkpoint_adapters(workdir, which: str = "best", step: int | None = No
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   if not steps or steps[0] not in mngr.all_steps():
     raise FileNotFoundError(f"{directory}: no checkpoint {'' if step is None else step} (steps: {mngr.all_steps()})")
-  for i, s in enumerate(steps):
+  for s in steps:  # the last one left is fatal: a damaged oldest step is an error, not a silent None
     try:
       return s, _read_adapters(mngr, directory, s, which)
-    except checkpoint.ResumeError:
-      raise
-    except Exception as error:  # Orbax and json raise many kinds for a damaged file
-      reason = f"{type(error).__name__}: {str(error)[:200]}"
-      if i + 1 == len(steps):
-        raise checkpoint.ResumeError(f"{directory / str(s)}: damaged checkpoint ({reason})") from error
-      logger.warning("%s: damaged checkpoint, skipped for the one before it (%s)", directory / str(s), reason)
-  raise AssertionError("unreachable")
+    except Exception as error:  # noqa: BLE001 (Orbax and json raise many kinds for a damaged file)
+      checkpoint.skip_damaged(mngr, s, error, fatal=s == steps[-1], damaged=[])
 
 
 def _read_adapters(mngr: ocp.CheckpointManager, directory: Path, step: int, which: str) -> dict:
-  meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-  if meta.get("layout", 1) != checkpoint.LAYOUT_VERSION:
-    raise checkpoint.ResumeError(f"{directory / str(step)}: checkpoint of state layout {meta.get('layout', 1)}; this "
-                                 f"version reads layout {checkpoint.LAYOUT_VERSION}")
+  checkpoint.read_meta(mngr, step)  # refuses another layout version
   tree = ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
   part = tree["best_adapters"] if which == "best" else tree["clients"]["adapters"]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -66,9 +66,9 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None,
   damaged = [] if damaged is None else damaged
   for s in steps:
     try:
-      meta = _read_meta(mngr, s)
+      meta = read_meta(mngr, s)
     except Exception as error:  # noqa: BLE001 (any failure to read a file of the step is damage)
-      _damaged(mngr, s, error, step is not None, damaged)
+      skip_damaged(mngr, s, error, step is not None, damaged)
       continue
     if check is not None:
       check(meta)
@@ -77,13 +77,13 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None,
       _check_structure(mngr, s, abstract)
       restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except Exception as error:  # noqa: BLE001
-      _damaged(mngr, s, error, step is not None, damaged)
+      skip_damaged(mngr, s, error, step is not None, damaged)
       continue
     return s, restored.state, meta
   return None
 
 
-def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
   layout = meta.get("layout", 1)
   if layout != LAYOUT_VERSION:
@@ -115,7 +115,9 @@ def _shapes(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(k): shape(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _damaged(mngr: ocp.CheckpointManager, step: int, error: Exception, fatal: bool, damaged: list) -> None:
+def skip_damaged(mngr: ocp.CheckpointManager, step: int, error: Exception, fatal: bool, damaged: list) -> None:
+  """A step failed to read: re-raise a ResumeError (not damage); raise one for damage when `fatal`; else
+  warn that the step is skipped for the one before it and append it to `damaged`."""
   if isinstance(error, ResumeError):
     raise error
   where = Path(mngr.directory) / str(step)

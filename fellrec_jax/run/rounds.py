@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import NamedTuple
 
@@ -16,10 +15,8 @@ import numpy as np
 from fellrec_jax.data import batching
 from fellrec_jax.federated import aggregation
 from fellrec_jax.federated import heating
-from fellrec_jax.federated import optimizer as optimizer_lib
 from fellrec_jax.federated import participation
 from fellrec_jax.federated import sharding
-from fellrec_jax.federated import split_learning
 from fellrec_jax.federated import stream
 from fellrec_jax.federated import training
 from fellrec_jax.model import split as split_lib
@@ -98,12 +95,10 @@ def plan_round_shapes(run: Run) -> Run:
   for r in range(run.config.fed.rounds):
     part = participation.sample_participants(run.config.seed, r, eligible, per_round)
     batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
-    schedule = padded = lane_schedule(run, batches)  # partial participation by lanes: padded waves
-    if padded is not None:
-      waves = max(waves, padded.client.shape[0])
-    elif 0 < run.lanes < len(part):  # every client, by lanes: the schedule local_round makes
+    if 0 < run.lanes < len(part):  # by lanes: the schedule local_round makes (idle waves add no tokens)
       schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
-    if schedule is not None:
+      if 0 < per_round < run.num_train_clients:  # lane_schedule pads partial participation's to `waves`
+        waves = max(waves, schedule.client.shape[0])
       need = training.round_budgets(training.arrange(batches, schedule), run.lc, waves=True)
     else:
       need = training.round_budgets(batches, run.lc, mesh=mesh)
