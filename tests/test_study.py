@@ -52,6 +52,10 @@ def test_run_study_trains_stage_by_stage_seed_by_seed_and_resumes(tmp_path, stud
   s.seeds, s.stages = (0, 1, 2), (("fedavg", "fellrec_a070_b1"), ("local",))
   with pytest.raises(ValueError, match=r"seeds \[7\]"):
     comparison.run_study(s, tmp_path, ["synthetic"], seeds=[7])
+  with pytest.raises(ValueError, match="stages=3: the study has 2 stages"):
+    comparison.run_study(s, tmp_path, ["synthetic"], stages=3)
+  comparison.run_study(s, tmp_path, ["synthetic"], seeds=[2], stages=1)  # the first stage only
+  assert trained == [("seed_2", "fedavg"), ("seed_2", "fellrec_a070_b1")]
   comparison.run_study(s, tmp_path, ["synthetic"], seeds=[2])  # one seed now: the next run does the others
   assert trained == [("seed_2", "fedavg"), ("seed_2", "fellrec_a070_b1"), ("seed_2", "local")]
   trained.clear()
@@ -63,7 +67,7 @@ def test_run_study_trains_stage_by_stage_seed_by_seed_and_resumes(tmp_path, stud
   trained.clear()
   comparison.run_study(s, tmp_path, ["synthetic"])
   assert trained == [] and [e["seeds"] for e in comparison.read_study_log(tmp_path / "study_log.jsonl")] == [
-      [2], [0, 1, 2], [0, 1, 2]]
+      [2], [2], [0, 1, 2], [0, 1, 2]]
 
 
 def test_a_method_override_of_a_missing_field_or_aggregator_is_an_error_naming_it(study):

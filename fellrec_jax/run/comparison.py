@@ -187,10 +187,12 @@ def summary_table(summary: dict, metric_names: Sequence[str]) -> str:
 # A study (configs/study.py): comparisons of the same methods over the same seeds in several settings.
 
 
-def run_study(study, workdir, settings: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict:
+def run_study(study, workdir, settings: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+              stages: int = 0) -> dict:
   """Run (or resume) `study`'s comparison in each setting (default: study.run_settings) under
-  workdir/<setting>, stage by stage (study.stages), on its seeds (or only `seeds`, a subset of them); log
-  each invocation's wall time to workdir/study_log.jsonl. Returns {setting: reports}."""
+  workdir/<setting>, stage by stage (study.stages; only the first `stages` of them when > 0), on its seeds
+  (or only `seeds`, a subset of them); log each invocation's wall time to workdir/study_log.jsonl.
+  Returns {setting: reports}."""
   workdir = Path(workdir)
   settings = list(settings or study.run_settings)
   unknown = [s for s in settings if s not in study.settings]
@@ -199,18 +201,20 @@ def run_study(study, workdir, settings: Sequence[str] | None = None, seeds: Sequ
   seeds = list(seeds or study.seeds)
   if not set(seeds) <= set(study.seeds):
     raise ValueError(f"seeds {seeds} are not all among the study's {list(study.seeds)}")
+  if not 0 <= stages <= len(study.stages):
+    raise ValueError(f"stages={stages}: the study has {len(study.stages)} stages (0 = all of them)")
   start = time.time()
   out = {}
   for name in settings:
     done = []
-    for stage in study.stages:  # each stage's methods on every seed, then the next stage's
+    for stage in study.stages[:stages or None]:  # each stage's methods on every seed, then the next stage's
       done += list(stage)
       out[name] = compare(study.settings[name], workdir / name, done, seeds=seeds, variants=study.arms,
                           seed_dirs=True)
   if distributed.is_main():
     with open(workdir / "study_log.jsonl", "a", encoding="utf-8") as log:
-      log.write(json.dumps({"settings": settings, "seeds": seeds, "start": start, "seconds": time.time() - start,
-                            "machine": machine()}) + "\n")
+      log.write(json.dumps({"settings": settings, "seeds": seeds, "stages": stages or len(study.stages),
+                            "start": start, "seconds": time.time() - start, "machine": machine()}) + "\n")
   return out
 
 

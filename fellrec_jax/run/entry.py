@@ -151,12 +151,13 @@ STUDY_CONFIG = "configs/study.py"
 
 def study(argv: Sequence[str] | None = None) -> None:
   """experiments/study.py [--config=configs/study.py] [--workdir=runs/study] [--settings=synthetic,games]
-  [--seeds=0,1] [--render_only] [--doc=docs/study.md]."""
+  [--seeds=0,1] [--stages=1] [--render_only] [--doc=docs/study.md]."""
   argv = list(sys.argv if argv is None else argv)
   config_flag = config_flags.DEFINE_config_file("config", STUDY_CONFIG, "Study config (configs/study.py).")
   workdir_flag = flags.DEFINE_string("workdir", "runs/study", "Output directory (one folder per setting).")
   settings_flag = flags.DEFINE_list("settings", [], "Settings to train (default: the study's run_settings).")
   seeds_flag = flags.DEFINE_list("seeds", [], "Train only these of the study's seeds now (default: all of them).")
+  stages_flag = flags.DEFINE_integer("stages", 0, "Train only the study's first N stages now (0: every stage).")
   render_flag = flags.DEFINE_bool("render_only", False, "Train nothing: summarise the finished runs again.")
   doc_flag = flags.DEFINE_string("doc", "docs/study.md", "Markdown file whose generated part is rewritten "
                                  "from the results (its images beside it); '' = none.")
@@ -169,7 +170,8 @@ def study(argv: Sequence[str] | None = None) -> None:
     study_config, workdir = config_flag.value, Path(workdir_flag.value)
     settings = settings_flag.value or list(study_config.run_settings)
     if not render_flag.value:
-      _run(comparison.run_study, study_config, workdir, settings, [int(s) for s in seeds_flag.value])
+      _run(comparison.run_study, study_config, workdir, settings, [int(s) for s in seeds_flag.value],
+           stages_flag.value)
     if doc_flag.value:
       comparison.render_study(study_config, workdir, settings, doc_flag.value)
 
