@@ -171,6 +171,36 @@ def test_padded_lane_schedules_take_few_shapes():
   assert len(shapes) <= 6 and all(w % 8 == 0 or w == bound for w, _ in shapes)  # 50 rounds, a few compilations
 
 
+def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monkeypatch):
+  """Every client's validation batches are padded to the largest client's rows; a chunk's call keeps the
+  rows its clients use (rounded up to a power of two) and gives the losses of the whole padded batches, up
+  to float32 reduction order over fewer zeros."""
+  run = variant(base_run, clients_per_chunk=1)
+  valid = jax.tree.map(np.array, rounds.client_data(run, run.data.valid_batches, run.num_clients))
+  R = valid.tokens.shape[2]
+  assert R > 1
+  for field in ("tokens", "positions", "segment_ids", "loss_mask"):  # client 0 keeps its first row only
+    getattr(valid, field)[0, :, 1:] = 0
+  np.testing.assert_array_equal(rounds.used_rows(valid)[0], 1)
+  valid = jax.tree.map(jnp.asarray, valid)
+  adapters = state_lib.init_state(run).clients.adapters
+  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(adapters))))
+  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
+  rows_seen, validate = [], training.validation_nll
+
+  def recording(base, adapters, batches, *args, **kwargs):
+    rows_seen.append(batches.tokens.shape[2])
+    return validate(base, adapters, batches, *args, **kwargs)
+
+  monkeypatch.setattr(training, "validation_nll", recording)
+  chunked = rounds.validation_losses(run, adapters, valid)
+  assert rows_seen[0] == 1 and rows_seen[1:] == [rounds.row_bucket(int(r), R) for r in rounds.used_rows(valid)[1:]]
+  whole = rounds.validation_losses(variant(base_run, clients_per_chunk=0), adapters, valid)
+  assert rows_seen[-1] == R  # all clients at once: the padded batches
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  assert np.isfinite(chunked).all() and len(set(np.round(chunked, 4))) > 1
+
+
 @pytest.mark.parametrize("per_round,lanes", [(3, 0), (3, 1), (0, 0), (0, 3)],
                          ids=["3_at_once", "3_by_lanes", "all_at_once", "all_by_lanes"])
 def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round, lanes):

@@ -152,8 +152,9 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
   validation data).
 
   Clients are validated `clients_per_chunk` (else fed.clients_per_round) at a time, the last chunk padded with
-  masked copies, so that memory stays bounded with thousands of clients and every call has the same shapes;
-  in a multi-process run all at once, each process its own.
+  masked copies, so that memory stays bounded with thousands of clients; each call keeps only the rows its
+  clients use (`used_rows`: every client's batches are padded to the largest client's rows), rounded up to
+  a power of two so that calls share a few shapes. In a multi-process run all at once, each process its own.
   """
   adapters = eval_adapters(run, adapters)
   C = run.num_clients
@@ -168,10 +169,12 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
   # One shape for every call (the last chunk padded): clients_per_chunk, else the participants of a round.
   chunk = chunk if 0 < chunk < C else min(C, run.config.fed.get("clients_per_round", 0) or C)
   totals, counts = [], []
+  rows = used_rows(valid)
   for start in range(0, n, chunk):
     index = clients[np.minimum(np.arange(start, start + chunk), n - 1)]
     real = np.arange(start, start + chunk) < n
-    part = jax.tree.map(lambda x: x[index], valid)
+    keep = row_bucket(int(rows[index].max()), valid.tokens.shape[2])
+    part = jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :keep], valid)
     part = part._replace(step_mask=part.step_mask & real[:, None])
     total, count = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
                                            run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
@@ -179,6 +182,17 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
     counts.append(np.asarray(count, np.float64)[real])
   total, count = np.concatenate(totals), np.concatenate(counts)
   return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def used_rows(batches: training.ClientBatches) -> np.ndarray:
+  """int [C]: the rows each client's steps use at most (a step fills its rows from the first; a used row
+  starts with a token of segment 1)."""
+  return np.asarray(batches.segment_ids[:, :, :, 0] > 0).sum(axis=2).max(axis=1)
+
+
+def row_bucket(rows: int, limit: int) -> int:
+  """`rows` rounded up to a power of two, at most `limit` (and at least 1)."""
+  return min(limit, 1 << max(rows - 1, 0).bit_length())
 
 
 def round_roster(run: Run, state: TrainState, round_index: int) -> participation.Roster:
