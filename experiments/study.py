@@ -5,7 +5,8 @@
 Trains what is not finished yet (workdir/<setting>/seed_<s>/<method>, each a train.py workdir; finished runs
 are not rerun), writes each setting's compare.md/compare.json and plots, then rewrites the generated part of
 docs/study.md (tables, figures, machine, wall time) from them. `--render_only` only re-summarises;
-`--settings=synthetic,games` picks settings (the Games one needs `python tools/fetch_data.py games` first).
+`--settings=synthetic,games` picks settings (the Games one needs `python tools/fetch_data.py games` first);
+`--seeds=0,2` and `--stages=1` train only some seeds or the first stages now (the rest on a later call).
 """
 
 import sys
