@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import TINY_CONFIGS, make_hf_model, to_ours
 from fellrec_jax.model import generation
+from fellrec_jax.evaluation import grounding
 from fellrec_jax.evaluation import likelihood
 from fellrec_jax.model import lora
 from fellrec_jax.evaluation import recommend
@@ -181,11 +182,35 @@ def test_constrained_search_follows_a_biased_model(shop):
     assert free[0] not in TITLES  # unconstrained, the biased model babbles: the trie is what keeps it valid
 
 
-def test_title_blocks_cover_the_catalog_within_budget():
-  lengths = np.sort(np.random.RandomState(0).randint(3, 120, 500))
-  blocks = likelihood._title_blocks(lengths, 256)
-  assert blocks[0][0] == 0 and blocks[-1][1] == 500
-  assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
-  for start, stop, width, rows in blocks:
-    assert stop - start <= rows and (rows * width <= 256 or rows == 1) and lengths[stop - 1] <= width
-  assert len({(w, r) for _, _, w, r in blocks}) <= 12  # few shapes, few compilations
+def test_trie_blocks_hold_every_title_once_within_the_node_budget():
+  rs = np.random.RandomState(0)
+  # Titles that share leading tokens (a small alphabet), of 1 to 12 tokens, a few repeated.
+  responses = [list(rs.randint(0, 4, rs.randint(1, 13))) for _ in range(300)]
+  responses += responses[:5]
+  order, blocks = likelihood.trie_blocks(responses, 64, pad_id=9)
+  assert sorted(order.tolist()) == list(range(len(responses)))
+  bucket = lambda r: grounding.padded_length(len(r), minimum=4)
+  assert [(bucket(responses[i]), tuple(responses[i])) for i in order] == sorted(
+      (bucket(r), tuple(r)) for r in responses)
+  # One shape per length bucket (few compilations), the depth that of the block's longest title.
+  assert len({jax.tree.map(np.shape, block) for _, block in blocks}) <= len({bucket(r) for r in responses})
+  seen = []
+  for (offset, block), nxt in zip(blocks, [b[0] for b in blocks[1:]] + [len(order)]):
+    items = block.ids[block.ids >= 0]
+    np.testing.assert_array_equal(items, order[offset:nxt])  # consecutive places, in order
+    used = set()
+    for row, item in enumerate(items):
+      response = responses[item]
+      assert block.first[row] == response[0]
+      for j in range(len(response) - 1):  # node j holds the title's token j and predicts token j + 1
+        node = block.title_nodes[row, j]
+        used.add(node)
+        assert block.tokens[node] == response[j] and block.depth[node] == j
+        assert block.targets[row, j] == response[j + 1] and block.valid[row, j]
+        np.testing.assert_array_equal(block.tokens[block.path[node, :j + 1]], response[:j + 1])
+      assert not block.valid[row, len(response) - 1:].any()
+    prefixes = {tuple(responses[i][:j + 1]) for i in items for j in range(len(responses[i]) - 1)}
+    assert len(used) == len(prefixes) <= 64  # one node per distinct prefix, within the budget
+    assert block.path.shape[1] == grounding.padded_length(max(len(responses[i]) for i in items) - 1, minimum=4)
+    seen += items.tolist()
+  assert len(seen) == len(responses) and len(blocks) > 1

@@ -46,7 +46,8 @@ class RankingConfig:
   bigrec_positions: bool = False  # reproduce BIGRec's padding-dependent embedding positions (grounding.py)
   distance_block: int = 4096  # items per block of the L2 ranking (memory: queries x block)
   likelihood_prompt_batch: int = 8  # prompts scored together in likelihood mode
-  # Title tokens per block in likelihood mode; the block's logits take prompt_batch x this x vocab x 4 bytes.
+  # Trie nodes (distinct title prefixes, likelihood.trie_blocks) per block in likelihood mode; the block's
+  # logits take prompt_batch x this x vocab x 4 bytes.
   likelihood_title_tokens: int = 512  # CPU optimum on tiny models; raise it on an accelerator
 
   def __post_init__(self):

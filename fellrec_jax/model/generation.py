@@ -34,21 +34,23 @@ NEG = -1.0e9  # transformers' sentinel for "not selectable"
 
 
 class Prefix(NamedTuple):
-  """Keys and values of the tokens every prompt starts with (P may be 0)."""
+  """Keys and values of the tokens every prompt starts with (P may be 0), positions last (`as_keys`)."""
 
-  k: jax.Array  # [L, P, K, H]
-  v: jax.Array  # [L, P, K, H]
+  k: jax.Array  # [L, K, H, P]
+  v: jax.Array  # [L, K, P, H]
 
 
 class Cache(NamedTuple):
   prefix: Prefix
-  prompt_k: jax.Array  # [L, B, Tp, K, H]
-  prompt_v: jax.Array  # [L, B, Tp, K, H]
+  prompt_k: jax.Array  # [L, B, K, H, Tp]
+  prompt_v: jax.Array  # [L, B, K, Tp, H]
   prompt_valid: jax.Array  # [B, Tp] bool: the position holds a real token
-  k: jax.Array  # [L, B, N, M, K, H] generated tokens, slot (beam, step)
-  v: jax.Array  # [L, B, N, M, K, H]
+  k: jax.Array  # [L, B, K, H, N, M] generated tokens, slot (beam, step), up to step index - 2
+  v: jax.Array  # [L, B, K, N, M, H]
+  last_k: jax.Array  # [L, B, K, H, N] step index - 1, written into k by the next decode (see decode)
+  last_v: jax.Array  # [L, B, K, N, H]
   ancestry: jax.Array  # [B, N, M] int32: the beam slot holding each earlier step of each beam
-  index: jax.Array  # int32 scalar: the next step to write
+  index: jax.Array  # int32 scalar: the next step to compute
 
 
 class Output(NamedTuple):
@@ -72,38 +74,77 @@ def common_prefix_length(token_lists) -> int:
 # Attention over segments of keys shared by groups of rows
 
 
+CONCAT_SCORES = 1 << 18  # scores (all segments) up to which one softmax over concatenated scores is used
+
+
 def attend_segments(q_RxTxKxGxH, segments, scale: float):
   """Softmax attention of queries over several key/value segments, each stored once per group of rows.
 
-  A segment is (k [Rk, S, K, H], v [Rk, S, K, H], mask): the R query rows form Rk groups of R // Rk
+  A segment is (k [Rk, K, H, S], v [Rk, K, S, H], mask) (`as_keys`, `as_values`: the layouts the
+  products read, so a cache kept in them is never transposed): the R query rows form Rk groups of R // Rk
   consecutive rows that read the same keys (Rk = 1: every row); mask broadcasts to [Rk, R // Rk, T, S]
-  (None: every key visible). Scores in the compute dtype, softmax over all segments in float32 (as
-  kernels.attend); a segment's keys are read once per group, never copied per row.
+  (None: every key visible). A segment's keys are read once per group, never copied per row. Scores are
+  computed in the compute dtype, the softmax in float32 (as kernels.attend). Small scores (a decoding
+  step) are concatenated for one softmax, the fewest operations; large ones (catalog likelihood) are
+  normalised one segment at a time (each segment's maximum, exponentials, sum and weighted values, merged
+  by their maxima), the fewest passes over memory. A row sees at least one key (an all-masked row averages).
   """
   R, T, K, G, H = q_RxTxKxGxH.shape
   dtype = q_RxTxKxGxH.dtype
   q_RxTxKxGxH = q_RxTxKxGxH * jnp.asarray(scale, dtype)
-  scores, widths = [], []
+  lowest = jnp.finfo(jnp.float32).min
+  scores = []  # per segment: float32 [Rk, K, R // Rk, T, G, S], masked
   for k, v, mask in segments:
-    Rk, S = k.shape[:2]
+    Rk, S = k.shape[0], k.shape[-1]
     q = q_RxTxKxGxH.reshape(Rk, R // Rk, T, K, G, H)
-    s = jnp.einsum("rntkgh,rskh->rkntgs", q, k)
+    if Rk == R and T == 1:  # a few keys per row: products and sums, not R tiny matrix products
+      s = jnp.sum(q[:, 0, 0, :, :, :, None] * k[:, :, None], axis=-2)[:, :, None, None]
+    else:
+      s = jnp.einsum("rntkgh,rkhs->rkntgs", q, k)
+    s = s.astype(jnp.float32)
     if mask is not None:
-      s = jnp.where(jnp.broadcast_to(mask, (Rk, R // Rk, T, S))[:, None, :, :, None, :], s, jnp.finfo(dtype).min)
-    scores.append(s.transpose(0, 2, 1, 3, 4, 5).reshape(R, K, T, G, S))
-    widths.append(S)
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1).astype(jnp.float32), axis=-1).astype(dtype)
-  out, start = 0.0, 0
-  for (k, v, _), S in zip(segments, widths):
-    Rk = k.shape[0]
-    p = probs[..., start:start + S].reshape(Rk, R // Rk, K, T, G, S)
-    out = out + jnp.einsum("rnktgs,rskh->rntkgh", p, v).reshape(R, T, K, G, H)
-    start += S
-  return out
+      s = jnp.where(jnp.broadcast_to(mask, (Rk, R // Rk, T, S))[:, None, :, :, None, :], s, lowest)
+    scores.append(s)
+  to_rows = lambda x: x.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, x.shape[-1])
+
+  def weighted(e, v):  # e [Rk, K, R // Rk, T, G, S] (unnormalised) -> [R, T, K, G, H] float32
+    if e.shape[0] == R and T == 1:
+      out = jnp.sum(e[:, :, 0, 0, :, :, None].astype(dtype) * v[:, :, None], axis=-2)
+    else:
+      out = jnp.einsum("rkntgs,rksh->rntkgh", e.astype(dtype), v)
+    return out.reshape(R, T, K, G, H).astype(jnp.float32)
+
+  if sum(s.size for s in scores) <= CONCAT_SCORES:
+    probs = jax.nn.softmax(jnp.concatenate([to_rows(s) for s in scores], axis=-1), axis=-1)
+    out, start = 0.0, 0
+    for (_, v, _), s in zip(segments, scores):
+      Rk, S = s.shape[0], s.shape[-1]
+      p = probs[..., start:start + S].reshape(Rk, R // Rk, T, K, G, S).transpose(0, 3, 1, 2, 4, 5)
+      out, start = out + weighted(p, v), start + S
+    return out.astype(dtype)
+  parts = []  # per segment: (max, sum of exponentials, weighted values), each [R, T, K, G, .]
+  for (_, v, _), s in zip(segments, scores):
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    parts.append((to_rows(m), to_rows(jnp.sum(e, axis=-1, keepdims=True)), weighted(e, v)))
+  top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
+  weights = [jnp.exp(m - top) for m, _, _ in parts]
+  total = sum(w * l for w, (_, l, _) in zip(weights, parts))
+  return (sum(w * out for w, (_, _, out) in zip(weights, parts)) / total).astype(dtype)
+
+
+def as_keys(k_RxSxKxH):
+  """Keys [R, S, K, H] as a segment stores them: [R, K, H, S]."""
+  return k_RxSxKxH.transpose(0, 2, 3, 1)
+
+
+def as_values(v_RxSxKxH):
+  """Values [R, S, K, H] as a segment stores them: [R, K, S, H]."""
+  return v_RxSxKxH.transpose(0, 2, 1, 3)
 
 
 def prefix_segment(prefix: Prefix, layer):
-  return [] if prefix.k.shape[1] == 0 else [(prefix.k[layer][None], prefix.v[layer][None], None)]
+  return [] if prefix.k.shape[-1] == 0 else [(prefix.k[layer][None], prefix.v[layer][None], None)]
 
 
 def over_layers(layer_fn, carry, base, adapters, num_layers: int):
@@ -123,30 +164,30 @@ def over_layers(layer_fn, carry, base, adapters, num_layers: int):
 
 
 def empty_prefix(cfg: model_lib.LlamaConfig) -> Prefix:
-  zeros = jnp.zeros((cfg.num_layers, 0, cfg.num_kv_heads, cfg.head_dim), cfg.compute_dtype)
-  return Prefix(zeros, zeros)
+  keys = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 0), cfg.compute_dtype)
+  return Prefix(keys, keys.transpose(0, 1, 3, 2))
 
 
 def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefix, cfg, lcfg):
-  """Run whole sequences [B, T] after the prefix: (final-normed last hidden state [B, D], keys and values
-  [L, B, T, K, H] of every position)."""
+  """Run whole sequences [B, T] after the prefix: (final-normed last hidden state [B, D], keys [L, B, K, H, T]
+  and values [L, B, K, T, H] of every position)."""
   B, T = tokens_BxT.shape
   cos, sin = kernels.rope_tables(positions_BxT, cfg)
-  shape = (cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim)
-  empty = jnp.zeros(shape, cfg.compute_dtype)
+  keys = jnp.zeros((cfg.num_layers, B, cfg.num_kv_heads, cfg.head_dim, T), cfg.compute_dtype)
 
   def layer_fn(carry, index, layer, layer_adapters):
     x, k_all, v_all = carry
 
     def attention(q, k, v):
+      k, v = as_keys(k), as_values(v)
       segments = prefix_segment(prefix, index) + [(k, v, mask_BxTxT[:, None])]
       return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
     x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
     return x, k_all.at[index].set(k.astype(k_all.dtype)), v_all.at[index].set(v.astype(v_all.dtype))
 
-  x, k_all, v_all = over_layers(layer_fn, (model_lib.embed(base, tokens_BxT, cfg), empty, empty), base, adapters,
-                                 cfg.num_layers)
+  x, k_all, v_all = over_layers(layer_fn, (model_lib.embed(base, tokens_BxT, cfg), keys, keys.swapaxes(-1, -2)),
+                                 base, adapters, cfg.num_layers)
   return model_lib.final_norm(base, x[:, -1], cfg), k_all, v_all
 
 
@@ -159,7 +200,7 @@ def encode_prefix(base, adapters, prefix_tokens, *, cfg: model_lib.LlamaConfig, 
   positions = jnp.arange(P, dtype=jnp.int32)[None]
   causal = jnp.tril(jnp.ones((P, P), bool))[None]
   _, k, v = _encode(base, adapters, prefix_tokens[None], positions, causal, empty_prefix(cfg), cfg, lcfg)
-  return Prefix(k[:, 0], v[:, 0])
+  return Prefix(k[:, 0], v[:, 0])  # [L, K, H, P]
 
 
 def split_prefix(base, adapters, cfg, lcfg, prompts, prefix_length: int | None = None):
@@ -180,48 +221,58 @@ def prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens: i
   prefix = empty_prefix(cfg) if prefix is None else prefix
   B, Tp = prompt.shape
   valid = attention_mask.astype(bool)
-  P = prefix.k.shape[1]
+  P = prefix.k.shape[-1]
   positions = (P + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)).astype(jnp.int32)
   mask = valid[:, None, :] & jnp.tril(jnp.ones((Tp, Tp), bool))[None]
   h, k, v = _encode(base, adapters, prompt, positions, mask, prefix, cfg, lcfg)
-  shape = (cfg.num_layers, B, num_beams, max_new_tokens, cfg.num_kv_heads, cfg.head_dim)
-  zeros = jnp.zeros(shape, cfg.compute_dtype)
+  L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_beams
+  zeros = lambda *shape: jnp.zeros(shape, cfg.compute_dtype)
   ancestry = jnp.broadcast_to(jnp.arange(num_beams, dtype=jnp.int32)[None, :, None], (B, num_beams, max_new_tokens))
-  cache = Cache(prefix, k, v, valid, zeros, zeros, ancestry, jnp.zeros((), jnp.int32))
+  cache = Cache(prefix, k, v, valid, zeros(L, B, K, H, N, max_new_tokens), zeros(L, B, K, N, max_new_tokens, H),
+                zeros(L, B, K, H, N), zeros(L, B, K, N, H), ancestry, jnp.zeros((), jnp.int32))
   return model_lib.lm_logits(base, h, cfg), cache, (P + jnp.sum(valid, axis=-1)).astype(jnp.int32)
 
 
 def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
   """One new token per beam (rows R = B * N, beam-major within a prompt) through the model with the
-  cache; (logits [R, V], cache with the token's keys and values written at step `cache.index`)."""
+  cache; (logits [R, V], the cache after step `cache.index`).
+
+  The previous step's keys and values (`last_k`, `last_v`) are written into the cache first, in one
+  update that nothing read before (so in place); a beam then attends to the earlier steps in the cache
+  and to its own new key and value, which become the next call's `last_k`, `last_v`.
+  """
   B, N, M = cache.ancestry.shape
+  step = jnp.maximum(cache.index - 1, 0)  # at step 0, zeros into a slot not yet read
+  k_cache = jax.lax.dynamic_update_slice(cache.k, cache.last_k[..., None], (0, 0, 0, 0, 0, step))
+  v_cache = jax.lax.dynamic_update_slice(cache.v, cache.last_v[..., None, :], (0, 0, 0, 0, step, 0))
   cos, sin = kernels.rope_tables(positions_R[:, None], cfg)
   prompt_mask = cache.prompt_valid[:, None, None, :]  # [B, 1, 1, Tp]: every beam of a prompt reads it
-  # Beam n reads step t from the slot of beam ancestry[n, t], up to and including the current step.
+  # Beam n reads step t < the current one from the slot of beam ancestry[n, t].
   own = cache.ancestry[:, :, None, :] == jnp.arange(N, dtype=jnp.int32)[None, None, :, None]  # [B, N, N', M]
-  own = own & (jnp.arange(M) <= cache.index)
+  own = own & (jnp.arange(M) < cache.index)
   generated_mask = own.reshape(B, N, 1, N * M)
+  K, H = cfg.num_kv_heads, cfg.head_dim
 
   def layer_fn(carry, index, layer, layer_adapters):
-    x, k_cache, v_cache = carry
+    x, new_k, new_v = carry
 
     def attention(q, k, v):
-      at = (index, 0, 0, cache.index, 0, 0)
-      k_cache_ = jax.lax.dynamic_update_slice(k_cache, k.reshape(1, B, N, 1, *k.shape[2:]).astype(k_cache.dtype), at)
-      v_cache_ = jax.lax.dynamic_update_slice(v_cache, v.reshape(1, B, N, 1, *v.shape[2:]).astype(v_cache.dtype), at)
-      layer_k, layer_v = k_cache_[index], v_cache_[index]
       segments = prefix_segment(cache.prefix, index) + [
           (cache.prompt_k[index], cache.prompt_v[index], prompt_mask),
-          (layer_k.reshape(B, N * M, *k.shape[2:]), layer_v.reshape(B, N * M, *v.shape[2:]), generated_mask)]
-      return attend_segments(q, segments, cfg.head_dim ** -0.5), (k_cache_, v_cache_)
+          (k_cache[index].reshape(B, K, H, N * M), v_cache[index].reshape(B, K, N * M, H), generated_mask),
+          (as_keys(k), as_values(v), None)]
+      return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
-    x, (k_cache, v_cache) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
-    return x, k_cache, v_cache
+    x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
+    k = k[:, 0].reshape(B, N, K, H).transpose(0, 2, 3, 1)  # [B, K, H, N]
+    v = v[:, 0].reshape(B, N, K, H).transpose(0, 2, 1, 3)  # [B, K, N, H]
+    return x, new_k.at[index].set(k.astype(new_k.dtype)), new_v.at[index].set(v.astype(new_v.dtype))
 
   x = model_lib.embed(base, tokens_R[:, None], cfg)
-  x, k, v = over_layers(layer_fn, (x, cache.k, cache.v), base, adapters, cfg.num_layers)
+  x, new_k, new_v = over_layers(layer_fn, (x, jnp.zeros_like(cache.last_k), jnp.zeros_like(cache.last_v)), base,
+                                adapters, cfg.num_layers)
   logits = model_lib.lm_logits(base, model_lib.final_norm(base, x[:, -1], cfg), cfg)
-  return logits, cache._replace(k=k, v=v, index=cache.index + 1)
+  return logits, cache._replace(k=k_cache, v=v_cache, last_k=new_k, last_v=new_v, index=cache.index + 1)
 
 
 def _reorder(cache: Cache, src_BxN) -> Cache:
