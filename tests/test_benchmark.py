@@ -18,7 +18,7 @@ DATA = ROOT.parent / "shared/data/games_bigrec"
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   proc = subprocess.run([sys.executable, str(ROOT / "tools/benchmark.py"), "--preset", "tiny", "--quick",
-                         "--reps", "1", "--block", "1", "--steps", "8:3", "--data", str(DATA), "--out", str(out)],
+                         "--reps", "1", "--block", "1", "--rewarm", "0", "--steps", "8:3", "--data", str(DATA), "--out", str(out)],
                         cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 8 |" in proc.stdout  # the table is printed
@@ -29,8 +29,8 @@ def test_quick_writes_the_figures(results):
   for side in ("jax", "torch"):
     assert results[side]["samples_per_s"] > 0 and results[side]["tokens_per_s"] > 0
     assert results[side]["peak_rss_mb"] > 0
-    # --reps 1 --block 1 with the default --rewarm 1: one untimed round, then the timed one.
-    assert len(results["cases"][0][side]["seconds"]) == len(results["cases"][0][side]["rewarm_seconds"]) == 1
+    # --reps 1 --block 1 --rewarm 0: one timed round, no untimed one (the schedule: the test below).
+    assert len(results["cases"][0][side]["seconds"]) == 1 and results["cases"][0][side]["rewarm_seconds"] == []
   assert results["speedup"] == pytest.approx(results["jax"]["samples_per_s"] / results["torch"]["samples_per_s"])
   none, dropout = results["cases"]
   assert (none["lora_dropout"], dropout["lora_dropout"]) == (0.0, 0.05)  # the default is the reference's
