@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from fellrec_jax.data.records import DataError
 
-Example = tuple[np.ndarray, np.ndarray]
-PROGRESS_MIN_CLIENTS = 200  # packing fewer clients takes well under a second: no bar  # (ids int32 [L], loss_mask float32 [L])
+Example = tuple[np.ndarray, np.ndarray]  # (ids int32 [L], loss_mask float32 [L])
+PROGRESS_MIN_CLIENTS = 200  # packing or validating fewer clients takes seconds at most: no progress bar
 
 
 class RoundBatches(NamedTuple):

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from fellrec_jax.data import batching
 from fellrec_jax.federated import aggregation
@@ -170,7 +171,8 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
   chunk = chunk if 0 < chunk < C else min(C, run.config.fed.get("clients_per_round", 0) or C)
   totals, counts = [], []
   rows = used_rows(valid)
-  for start in range(0, n, chunk):
+  for start in tqdm(range(0, n, chunk), desc=f"validating {n} clients", unit="call", leave=False,
+                    disable=n < batching.PROGRESS_MIN_CLIENTS):
     index = clients[np.minimum(np.arange(start, start + chunk), n - 1)]
     real = np.arange(start, start + chunk) < n
     keep = row_bucket(int(rows[index].max()), valid.tokens.shape[2])
