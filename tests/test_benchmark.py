@@ -18,7 +18,8 @@ DATA = ROOT.parent / "shared/data/games_bigrec"
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   proc = subprocess.run([sys.executable, str(ROOT / "tools/benchmark.py"), "--preset", "tiny", "--quick",
-                         "--reps", "1", "--block", "1", "--rewarm", "0", "--steps", "8:3", "--data", str(DATA), "--out", str(out)],
+                         "--reps", "1", "--block", "1", "--rewarm", "0", "--steps", "8:3", "--data", str(DATA),
+                         "--out", str(out)],
                         cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 8 |" in proc.stdout  # the table is printed

@@ -19,8 +19,8 @@ the same prompt tokens and catalog, one process, all cores:
               title's summed log-probability, history excluded, top 20.
 The catalog's embeddings are computed once per side and not counted in prompts/s. Sides run in turns
 (ours warm-up, torch, ours timed), each side timed --reps times, the fastest kept; the ratio is our warm
-prompts/s over torch's. The predictions of both
-sides are compared (grounding: generated titles; likelihood: top items).
+prompts/s over torch's. The predictions of both sides are compared (grounding: generated titles;
+likelihood: top items).
 """
 
 import argparse
