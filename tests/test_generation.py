@@ -4,6 +4,7 @@ prompt prefix encoded once."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -145,3 +146,33 @@ def test_scanned_layers_give_the_same_beams(peaky, monkeypatch):
   scanned = jax.jit(search())(params, {}, ids, mask)
   np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
   np.testing.assert_allclose(np.asarray(scanned.scores), np.asarray(unrolled.scores), rtol=1e-5)
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_attend_segments_equals_one_softmax_over_all_keys(concat):
+  """Segments read by every row, by groups of rows and by each row (masks, one all-masked segment for some
+  rows), with one softmax over concatenated scores or merged per segment: plain attention over the keys."""
+  rs = np.random.RandomState(0)
+  R, K, G, H, groups = 6, 2, 2, 4, 3
+  for T in (1, 3):
+    q = rs.randn(R, T, K, G, H).astype(np.float32)
+    sizes = {1: 5, groups: 4, R: 2}  # rows per group of keys: all, pairs, each row its own (T = 1 only)
+    segments, keys, values, masks = [], [], [], []
+    for Rk, S in sizes.items():
+      if Rk == R and T != 1:
+        continue
+      k, v = rs.randn(Rk, S, K, H).astype(np.float32), rs.randn(Rk, S, K, H).astype(np.float32)
+      mask = rs.rand(Rk, R // Rk, T, S) < 0.7
+      mask[:, 0] = Rk != groups  # the first row of each pair sees none of its pair's keys
+      segments.append((generation.as_keys(k), generation.as_values(v), mask))
+      row_keys = lambda x: np.repeat(x, R // Rk, axis=0)  # [R, S, K, H]
+      keys.append(row_keys(k))
+      values.append(row_keys(v))
+      masks.append(mask.reshape(R, T, S))
+    got = generation.attend_segments(jnp.asarray(q), segments, 0.5, concat=concat)
+    k, v, mask = np.concatenate(keys, axis=1), np.concatenate(values, axis=1), np.concatenate(masks, axis=-1)
+    s = np.einsum("rtkgh,rskh->rtkgs", q, k) * 0.5
+    s = np.where(mask[:, :, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("rtkgs,rskh->rtkgh", p / p.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

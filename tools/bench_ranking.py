@@ -118,6 +118,8 @@ def main():
   print(f"{len(titles)} items, {len(prompts)} prompts of {np.mean([len(p) for p in prompts]):.0f} tokens, "
         f"model d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, {jax.devices()[0].platform}")
   torch_model = make_torch_side(cfg, params, lcfg, adapters) if args.torch else None
+  fastest = lambda fn, label: min((timed(fn, f"{label} {rep + 1}/{args.reps}") for rep in range(args.reps)),
+                                  key=lambda result: result[1])
   for mode in args.modes.split(","):
     rcfg = recommend.RankingConfig(mode=mode, max_new_tokens=args.max_new_tokens,
                                    generation_batch=args.generation_batch, likelihood_title_tokens=args.title_tokens)
@@ -126,8 +128,6 @@ def main():
     prepared = time.perf_counter() - start
     rank = lambda: recommend.rank_client(params, adapters, cfg, lcfg, tokenizer, catalog, prompts, histories, rcfg)
     ranking, cold = timed(rank, f"{mode} ours, cold")
-    fastest = lambda fn, label: min((timed(fn, f"{label} {rep + 1}/{args.reps}") for rep in range(args.reps)),
-                                    key=lambda result: result[1])
     line = f"{mode:12s} catalog {prepared:6.1f} s   rank cold {cold:6.1f} s"
     if torch_model is not None:
       (torch_result, torch_seconds, torch_prepared), _ = fastest(

@@ -10,8 +10,7 @@ and to its own ancestors (the title's earlier tokens), at the position its depth
 the next token of every title through it. A title's last token (EOS) predicts nothing, so it is no node.
 The result is the full forward of each title after the prompt (tests/test_ranking.py), with fewer rows:
 on 1,000 synthetic titles, 6,656 node rows (13 blocks of 512) against 12,288 padded title tokens before.
-A running top-k keeps
-memory at [prompts, block] scores for any catalog size. Unlike grounding, this ranks with the client's
+A running top-k keeps memory at [prompts, block] scores for any catalog size. Unlike grounding, this ranks with the client's
 adapters: it asks the fine-tuned model directly how likely each item is.
 """
 
@@ -185,9 +184,12 @@ def _trie_block(responses, items: np.ndarray, index: dict, nodes: int, titles: i
   node_depth = np.zeros(nodes, np.int32)
   path = np.zeros((nodes, depth), np.int32)
   path[:, 0] = np.arange(nodes)  # filler nodes read themselves
-  for prefix, node in index.items():
-    tokens[node], node_depth[node] = prefix[-1], len(prefix) - 1
-    path[node, :len(prefix)] = [index[prefix[:d + 1]] for d in range(len(prefix))]
+  for prefix, node in index.items():  # in insertion order: a node's parent comes before it
+    d = len(prefix) - 1
+    tokens[node], node_depth[node] = prefix[-1], d
+    if d:
+      path[node, :d] = path[index[prefix[:-1]], :d]
+    path[node, d] = node
   first = np.full(titles, pad_id, np.int32)
   title_nodes = np.zeros((titles, depth), np.int32)
   targets = np.zeros((titles, depth), np.int32)

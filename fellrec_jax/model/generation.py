@@ -77,7 +77,7 @@ def common_prefix_length(token_lists) -> int:
 CONCAT_SCORES = 1 << 18  # scores (all segments) up to which one softmax over concatenated scores is used
 
 
-def attend_segments(q_RxTxKxGxH, segments, scale: float):
+def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = None):
   """Softmax attention of queries over several key/value segments, each stored once per group of rows.
 
   A segment is (k [Rk, K, H, S], v [Rk, K, S, H], mask) (`as_keys`, `as_values`: the layouts the
@@ -87,17 +87,19 @@ def attend_segments(q_RxTxKxGxH, segments, scale: float):
   computed in the compute dtype, the softmax in float32 (as kernels.attend). Small scores (a decoding
   step) are concatenated for one softmax, the fewest operations; large ones (catalog likelihood) are
   normalised one segment at a time (each segment's maximum, exponentials, sum and weighted values, merged
-  by their maxima), the fewest passes over memory. A row sees at least one key (an all-masked row averages).
+  by their maxima), the fewest passes over memory; `concat` forces one or the other (None: by CONCAT_SCORES).
+  A row sees at least one key (an all-masked row averages).
   """
   R, T, K, G, H = q_RxTxKxGxH.shape
   dtype = q_RxTxKxGxH.dtype
   q_RxTxKxGxH = q_RxTxKxGxH * jnp.asarray(scale, dtype)
   lowest = jnp.finfo(jnp.float32).min
+  per_row = lambda Rk: Rk == R and T == 1  # a few keys per row: products and sums, not R tiny matrix products
   scores = []  # per segment: float32 [Rk, K, R // Rk, T, G, S], masked
   for k, v, mask in segments:
     Rk, S = k.shape[0], k.shape[-1]
     q = q_RxTxKxGxH.reshape(Rk, R // Rk, T, K, G, H)
-    if Rk == R and T == 1:  # a few keys per row: products and sums, not R tiny matrix products
+    if per_row(Rk):
       s = jnp.sum(q[:, 0, 0, :, :, :, None] * k[:, :, None], axis=-2)[:, :, None, None]
     else:
       s = jnp.einsum("rntkgh,rkhs->rkntgs", q, k)
@@ -108,13 +110,15 @@ def attend_segments(q_RxTxKxGxH, segments, scale: float):
   to_rows = lambda x: x.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, x.shape[-1])
 
   def weighted(e, v):  # e [Rk, K, R // Rk, T, G, S] (unnormalised) -> [R, T, K, G, H] float32
-    if e.shape[0] == R and T == 1:
+    if per_row(e.shape[0]):
       out = jnp.sum(e[:, :, 0, 0, :, :, None].astype(dtype) * v[:, :, None], axis=-2)
     else:
       out = jnp.einsum("rkntgs,rksh->rntkgh", e.astype(dtype), v)
     return out.reshape(R, T, K, G, H).astype(jnp.float32)
 
-  if sum(s.size for s in scores) <= CONCAT_SCORES:
+  if concat is None:
+    concat = sum(s.size for s in scores) <= CONCAT_SCORES
+  if concat:
     probs = jax.nn.softmax(jnp.concatenate([to_rows(s) for s in scores], axis=-1), axis=-1)
     out, start = 0.0, 0
     for (_, v, _), s in zip(segments, scores):
