@@ -164,7 +164,9 @@ def test_attend_segments_equals_one_softmax_over_all_keys(concat):
       k, v = rs.randn(Rk, S, K, H).astype(np.float32), rs.randn(Rk, S, K, H).astype(np.float32)
       mask = rs.rand(Rk, R // Rk, T, S) < 0.7
       mask[:, 0] = Rk != groups  # the first row of each pair sees none of its pair's keys
-      segments.append((generation.as_keys(k), generation.as_values(v), mask))
+      per_row = Rk == R  # each row its own keys, given in the row layout
+      segments.append(generation.Segment(k, v, mask, per_row=True) if per_row else
+                      generation.Segment(generation.as_keys(k), generation.as_values(v), mask))
       row_keys = lambda x: np.repeat(x, R // Rk, axis=0)  # [R, S, K, H]
       keys.append(row_keys(k))
       values.append(row_keys(v))
@@ -176,3 +178,6 @@ def test_attend_segments_equals_one_softmax_over_all_keys(concat):
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("rtkgs,rskh->rtkgh", p / p.sum(-1, keepdims=True), v)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  one_per_row = generation.Segment(jnp.zeros((R, 2, K, H)), jnp.zeros((R, 2, K, H)), per_row=True)
+  with pytest.raises(ValueError, match="per-row segment needs one query per row"):
+    generation.attend_segments(jnp.zeros((R, 3, K, G, H)), [one_per_row], 0.5)

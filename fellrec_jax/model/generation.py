@@ -7,7 +7,7 @@ The cache keeps three segments of keys and values, each stored once for the rows
   prefix     [P, ...]        shared by every row of every batch
   prompt     [B, Tp, ...]    one per prompt, shared by its beams (never reordered)
   generated  [B, N, M, ...]  one slot per beam and new token; beams are never moved in memory: each beam
-                             reads its history through `ancestry` (which beam slot wrote each step)
+                             reads the slots of its history (`history`: which slot holds each step)
 
 Positions follow transformers: cumsum(attention_mask) - 1 over prefix + prompt, so the split into prefix
 and prompt does not change the result. Beam search reproduces transformers' vectorised `_beam_search`
@@ -49,7 +49,7 @@ class Cache(NamedTuple):
   v: jax.Array  # [L, B, K, N, M, H]
   last_k: jax.Array  # [L, B, K, H, N] step index - 1, written into k by the next decode (see decode)
   last_v: jax.Array  # [L, B, K, N, H]
-  ancestry: jax.Array  # [B, N, M] int32: the beam slot holding each earlier step of each beam
+  history: jax.Array  # [B, N, N, M] bool: beam n's step t is in slot (n', t) (steps up to `index`)
   index: jax.Array  # int32 scalar: the next step to compute
 
 
@@ -77,64 +77,100 @@ def common_prefix_length(token_lists) -> int:
 CONCAT_SCORES = 1 << 18  # scores (all segments) up to which one softmax over concatenated scores is used
 
 
-def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = None):
-  """Softmax attention of queries over several key/value segments, each stored once per group of rows.
+class Segment(NamedTuple):
+  """Keys and values that query rows attend to, stored once for the rows that read them.
 
-  A segment is (k [Rk, K, H, S], v [Rk, K, S, H], mask) (`as_keys`, `as_values`: the layouts the
-  products read, so a cache kept in them is never transposed): the R query rows form Rk groups of R // Rk
-  consecutive rows that read the same keys (Rk = 1: every row); mask broadcasts to [Rk, R // Rk, T, S]
-  (None: every key visible). A segment's keys are read once per group, never copied per row. Scores are
-  computed in the compute dtype, the softmax in float32 (as kernels.attend). Small scores (a decoding
-  step) are concatenated for one softmax, the fewest operations; large ones (catalog likelihood) are
-  normalised one segment at a time (each segment's maximum, exponentials, sum and weighted values, merged
-  by their maxima), the fewest passes over memory; `concat` forces one or the other (None: by CONCAT_SCORES).
-  A row sees at least one key (an all-masked row averages).
+  Shared (`per_row=False`): the R query rows form Rk groups of R // Rk consecutive rows that read the same
+  keys k [Rk, K, H, S] and values v [Rk, K, S, H] (`as_keys`, `as_values`: the layouts the products read, so
+  a cache kept in them is never transposed); Rk = 1: every row. Per row (`per_row=True`, one query per
+  row): row r reads its own k and v [R, S, K, H], the layout rows are gathered or computed in; products and
+  sums, not R tiny matrix products. `mask` broadcasts to [Rk, R // Rk, T, S] (None: every key visible).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array | None = None
+  per_row: bool = False
+
+
+def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = None):
+  """Softmax attention of queries [R, T, K, G, H] over several `Segment`s; [R, T, K, G, H].
+
+  A segment's keys are read once per group of rows, never copied per row. Scores are computed in the
+  compute dtype, the softmax in float32 (as kernels.attend). Small scores (a decoding step) are
+  concatenated for one softmax, the fewest operations; large ones (catalog likelihood) are normalised one
+  segment at a time (each segment's maximum, exponentials, sum and weighted values, merged by their
+  maxima), the fewest passes over memory; `concat` forces one or the other (None: by CONCAT_SCORES). A row
+  sees at least one key (an all-masked row averages).
   """
   R, T, K, G, H = q_RxTxKxGxH.shape
   dtype = q_RxTxKxGxH.dtype
   q_RxTxKxGxH = q_RxTxKxGxH * jnp.asarray(scale, dtype)
   lowest = jnp.finfo(jnp.float32).min
-  per_row = lambda Rk: Rk == R and T == 1  # a few keys per row: products and sums, not R tiny matrix products
-  scores = []  # per segment: float32 [Rk, K, R // Rk, T, G, S], masked
-  for k, v, mask in segments:
-    Rk, S = k.shape[0], k.shape[-1]
-    q = q_RxTxKxGxH.reshape(Rk, R // Rk, T, K, G, H)
-    if per_row(Rk):
-      s = jnp.sum(q[:, 0, 0, :, :, :, None] * k[:, :, None], axis=-2)[:, :, None, None]
+  scores = []  # per segment, float32 and masked: shared [Rk, K, R // Rk, T, G, S], per row [R, S, K, G]
+  for seg in segments:
+    if seg.per_row:
+      if T != 1 or seg.k.shape[0] != R:
+        raise ValueError(f"a per-row segment needs one query per row: q {q_RxTxKxGxH.shape}, k {seg.k.shape}")
+      s = jnp.sum(q_RxTxKxGxH[:, :1] * seg.k[:, :, :, None], axis=-1).astype(jnp.float32)
+      mask = None if seg.mask is None else jnp.broadcast_to(seg.mask, (R, 1, 1, s.shape[1]))[:, 0, 0, :, None, None]
     else:
-      s = jnp.einsum("rntkgh,rkhs->rkntgs", q, k)
-    s = s.astype(jnp.float32)
-    if mask is not None:
-      s = jnp.where(jnp.broadcast_to(mask, (Rk, R // Rk, T, S))[:, None, :, :, None, :], s, lowest)
-    scores.append(s)
-  to_rows = lambda x: x.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, x.shape[-1])
-
-  def weighted(e, v):  # e [Rk, K, R // Rk, T, G, S] (unnormalised) -> [R, T, K, G, H] float32
-    if per_row(e.shape[0]):
-      out = jnp.sum(e[:, :, 0, 0, :, :, None].astype(dtype) * v[:, :, None], axis=-2)
-    else:
-      out = jnp.einsum("rkntgs,rksh->rntkgh", e.astype(dtype), v)
-    return out.reshape(R, T, K, G, H).astype(jnp.float32)
-
+      Rk, S = seg.k.shape[0], seg.k.shape[-1]
+      s = jnp.einsum("rntkgh,rkhs->rkntgs", q_RxTxKxGxH.reshape(Rk, R // Rk, T, K, G, H), seg.k).astype(jnp.float32)
+      mask = None if seg.mask is None else jnp.broadcast_to(seg.mask, (Rk, R // Rk, T, S))[:, None, :, :, None, :]
+    scores.append(s if mask is None else jnp.where(mask, s, lowest))
   if concat is None:
     concat = sum(s.size for s in scores) <= CONCAT_SCORES
   if concat:
-    probs = jax.nn.softmax(jnp.concatenate([to_rows(s) for s in scores], axis=-1), axis=-1)
-    out, start = 0.0, 0
-    for (_, v, _), s in zip(segments, scores):
-      Rk, S = s.shape[0], s.shape[-1]
-      p = probs[..., start:start + S].reshape(Rk, R // Rk, T, K, G, S).transpose(0, 3, 1, 2, 4, 5)
-      out, start = out + weighted(p, v), start + S
-    return out.astype(dtype)
-  parts = []  # per segment: (max, sum of exponentials, weighted values), each [R, T, K, G, .]
-  for (_, v, _), s in zip(segments, scores):
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    parts.append((to_rows(m), to_rows(jnp.sum(e, axis=-1, keepdims=True)), weighted(e, v)))
+    return _softmax_concatenated(scores, segments, q_RxTxKxGxH.shape, dtype)
+  parts = []  # per segment: (max, sum of exponentials, weighted values), each [R, T, K, G, .] float32
+  for seg, s in zip(segments, scores):
+    if seg.per_row:  # [R, S, K, G]: reduce over axis 1
+      m = jnp.max(s, axis=1)
+      e = jnp.exp(s - m[:, None])
+      total, out = jnp.sum(e, axis=1), jnp.sum(e.astype(dtype)[..., None] * seg.v[:, :, :, None], axis=1)
+      to_rows = lambda x: x.reshape(R, 1, K, G, -1)
+    else:  # [Rk, K, R // Rk, T, G, S]: reduce over the last axis
+      m = jnp.max(s, axis=-1, keepdims=True)
+      e = jnp.exp(s - m)
+      total, out = jnp.sum(e, axis=-1, keepdims=True), jnp.einsum("rkntgs,rksh->rntkgh", e.astype(dtype), seg.v)
+      to_rows = lambda x: x.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, x.shape[-1])
+    parts.append((to_rows(m), to_rows(total), out.reshape(R, T, K, G, H).astype(jnp.float32)))
   top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
   weights = [jnp.exp(m - top) for m, _, _ in parts]
   total = sum(w * l for w, (_, l, _) in zip(weights, parts))
   return (sum(w * out for w, (_, _, out) in zip(weights, parts)) / total).astype(dtype)
+
+
+def _softmax_concatenated(scores, segments, shape, dtype):
+  """One softmax over every segment's scores (as attend_segments makes them) and the weighted values
+  [R, T, K, G, H]. The scores are brought to one layout [Rc, K, R // Rc, T, G, S], Rc the most groups of any
+  shared segment: only the small segments move (a per-row segment regrouped, one read by fewer groups
+  split), so no score-sized transpose is made, and every product reads and writes its natural layout."""
+  R, T, K, G, _ = shape
+  Rc = max((seg.k.shape[0] for seg in segments if not seg.per_row), default=R)
+  n = R // Rc
+
+  def to_common(seg, x):  # -> [Rc, K, n, T, G, S]
+    if seg.per_row:  # [R, S, K, G]
+      return x.reshape(Rc, n, x.shape[1], K, G).transpose(0, 3, 1, 4, 2)[:, :, :, None]
+    Rk, S = x.shape[0], x.shape[-1]
+    return x.reshape(Rk, K, Rc // Rk, n, T, G, S).transpose(0, 2, 1, 3, 4, 5, 6).reshape(Rc, K, n, T, G, S)
+
+  probs = jax.nn.softmax(jnp.concatenate([to_common(seg, s) for seg, s in zip(segments, scores)], axis=-1), axis=-1)
+  out, start = 0.0, 0
+  for seg, s in zip(segments, scores):
+    S = s.shape[1] if seg.per_row else s.shape[-1]
+    p, start = probs[..., start:start + S].astype(dtype), start + S
+    if seg.per_row:  # [R, S, K, G] x [R, S, K, H]
+      p = p[:, :, :, 0].transpose(0, 2, 4, 1, 3).reshape(R, S, K, G)
+      o = jnp.sum(p[..., None] * seg.v[:, :, :, None], axis=1).reshape(Rc, n, K, T, G, -1).transpose(0, 2, 1, 3, 4, 5)
+    else:  # [Rk, K, rows of the group, S] @ [Rk, K, S, H]
+      Rk = seg.k.shape[0]
+      p = p.reshape(Rk, Rc // Rk, K, n * T * G, S).transpose(0, 2, 1, 3, 4).reshape(Rk, K, -1, S)
+      o = jnp.matmul(p, seg.v).reshape(Rk, K, Rc // Rk, n, T, G, -1).transpose(0, 2, 1, 3, 4, 5, 6)
+    out = out + o.reshape(Rc, K, n, T, G, -1).astype(jnp.float32)
+  return out.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, -1).astype(dtype)
 
 
 def as_keys(k_RxSxKxH):
@@ -148,7 +184,7 @@ def as_values(v_RxSxKxH):
 
 
 def prefix_segment(prefix: Prefix, layer):
-  return [] if prefix.k.shape[-1] == 0 else [(prefix.k[layer][None], prefix.v[layer][None], None)]
+  return [] if prefix.k.shape[-1] == 0 else [Segment(prefix.k[layer][None], prefix.v[layer][None])]
 
 
 def over_layers(layer_fn, carry, base, adapters, num_layers: int):
@@ -184,7 +220,7 @@ def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefi
 
     def attention(q, k, v):
       k, v = as_keys(k), as_values(v)
-      segments = prefix_segment(prefix, index) + [(k, v, mask_BxTxT[:, None])]
+      segments = prefix_segment(prefix, index) + [Segment(k, v, mask_BxTxT[:, None])]
       return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
     x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
@@ -231,9 +267,9 @@ def prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens: i
   h, k, v = _encode(base, adapters, prompt, positions, mask, prefix, cfg, lcfg)
   L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_beams
   zeros = lambda *shape: jnp.zeros(shape, cfg.compute_dtype)
-  ancestry = jnp.broadcast_to(jnp.arange(num_beams, dtype=jnp.int32)[None, :, None], (B, num_beams, max_new_tokens))
+  history = jnp.broadcast_to(jnp.eye(num_beams, dtype=bool)[None, :, :, None], (B, N, N, max_new_tokens))
   cache = Cache(prefix, k, v, valid, zeros(L, B, K, H, N, max_new_tokens), zeros(L, B, K, N, max_new_tokens, H),
-                zeros(L, B, K, H, N), zeros(L, B, K, N, H), ancestry, jnp.zeros((), jnp.int32))
+                zeros(L, B, K, H, N), zeros(L, B, K, N, H), history, jnp.zeros((), jnp.int32))
   return model_lib.lm_logits(base, h, cfg), cache, (P + jnp.sum(valid, axis=-1)).astype(jnp.int32)
 
 
@@ -245,16 +281,14 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
   update that nothing read before (so in place); a beam then attends to the earlier steps in the cache
   and to its own new key and value, which become the next call's `last_k`, `last_v`.
   """
-  B, N, M = cache.ancestry.shape
+  B, N, _, M = cache.history.shape
   step = jnp.maximum(cache.index - 1, 0)  # at step 0, zeros into a slot not yet read
   k_cache = jax.lax.dynamic_update_slice(cache.k, cache.last_k[..., None], (0, 0, 0, 0, 0, step))
   v_cache = jax.lax.dynamic_update_slice(cache.v, cache.last_v[..., None, :], (0, 0, 0, 0, step, 0))
   cos, sin = kernels.rope_tables(positions_R[:, None], cfg)
   prompt_mask = cache.prompt_valid[:, None, None, :]  # [B, 1, 1, Tp]: every beam of a prompt reads it
-  # Beam n reads step t < the current one from the slot of beam ancestry[n, t].
-  own = cache.ancestry[:, :, None, :] == jnp.arange(N, dtype=jnp.int32)[None, None, :, None]  # [B, N, N', M]
-  own = own & (jnp.arange(M) < cache.index)
-  generated_mask = own.reshape(B, N, 1, N * M)
+  # Beam n reads its steps t < the current one from their slots (the current one is its own new key).
+  generated_mask = (cache.history & (jnp.arange(M) < cache.index)).reshape(B, N, 1, N * M)
   K, H = cfg.num_kv_heads, cfg.head_dim
 
   def layer_fn(carry, index, layer, layer_adapters):
@@ -262,9 +296,9 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
 
     def attention(q, k, v):
       segments = prefix_segment(cache.prefix, index) + [
-          (cache.prompt_k[index], cache.prompt_v[index], prompt_mask),
-          (k_cache[index].reshape(B, K, H, N * M), v_cache[index].reshape(B, K, N * M, H), generated_mask),
-          (as_keys(k), as_values(v), None)]
+          Segment(cache.prompt_k[index], cache.prompt_v[index], prompt_mask),
+          Segment(k_cache[index].reshape(B, K, H, N * M), v_cache[index].reshape(B, K, N * M, H), generated_mask),
+          Segment(k, v, per_row=True)]
       return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
     x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
@@ -281,11 +315,12 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
 
 def _reorder(cache: Cache, src_BxN) -> Cache:
   """The cache after beams were replaced by copies of beams src (within each prompt): only the
-  ancestry moves; the new step will be written in each beam's own slot."""
-  ancestry = jnp.take_along_axis(cache.ancestry, src_BxN[:, :, None], axis=1)
-  step = jnp.arange(cache.ancestry.shape[2]) == cache.index
-  return cache._replace(ancestry=jnp.where(step, jnp.arange(src_BxN.shape[1], dtype=jnp.int32)[None, :, None],
-                                           ancestry))
+  histories move (a small boolean array, kept rather than recomputed from beam indices by every layer's
+  mask); the new step will be written in each beam's own slot."""
+  _, N, _, M = cache.history.shape
+  history = jnp.take_along_axis(cache.history, src_BxN[:, :, None, None], axis=1)
+  step = jnp.arange(M) == cache.index
+  return cache._replace(history=jnp.where(step, jnp.eye(N, dtype=bool)[None, :, :, None], history))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "max_new_tokens", "eos_id", "pad_id"))
