@@ -112,7 +112,7 @@ def test_beam_search_after_a_shared_prefix_equals_transformers(peaky):
   prefix, suffixes, ids, mask = prefixed_prompts(cfg)
   ref = hf_generate(hf, ids, mask, 4)
   encoded = generation.encode_prefix(params, {}, np.asarray(prefix, np.int32), cfg=cfg, lcfg=LCFG)
-  assert encoded.k.shape == (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 5)
+  assert [encoded.k[i].shape for i in range(cfg.num_layers)] == [(cfg.num_kv_heads, cfg.head_dim, 5)] * cfg.num_layers
   suffix_ids, suffix_mask = grounding.left_pad(suffixes, 8, len(suffixes))  # more padding than needed
   out = generation.beam_search(params, {}, suffix_ids, suffix_mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW,
                                num_beams=4, eos_id=2, pad_id=0, prefix=encoded)

@@ -6,8 +6,9 @@ The cache keeps three segments of keys and values, each stored once for the rows
 
   prefix     [P, ...]        shared by every row of every batch
   prompt     [B, Tp, ...]    one per prompt, shared by its beams (never reordered)
-  generated  [B, N, M, ...]  one slot per beam and new token; beams are never moved in memory: each beam
-                             reads the slots of its history (`history`: which slot holds each step)
+  generated  [B, M * N, ...] one slot per new token and beam (step-major: a step's slots are contiguous,
+                             written in one update); beams are never moved in memory: each beam reads the
+                             slots of its history (`history`: which slot holds each step)
 
 Positions follow transformers: cumsum(attention_mask) - 1 over prefix + prompt, so the split into prefix
 and prompt does not change the result. Beam search reproduces transformers' vectorised `_beam_search`
@@ -36,20 +37,22 @@ NEG = -1.0e9  # transformers' sentinel for "not selectable"
 class Prefix(NamedTuple):
   """Keys and values of the tokens every prompt starts with (P may be 0), positions last (`as_keys`)."""
 
-  k: jax.Array  # [L, K, H, P]
+  k: jax.Array  # [L, K, H, P] (every [L, ...] array here is kept `by_layer`)
   v: jax.Array  # [L, K, P, H]
 
 
 class Cache(NamedTuple):
+  """The keys and values a decoding step reads; each [L, ...] field is kept `by_layer`."""
+
   prefix: Prefix
   prompt_k: jax.Array  # [L, B, K, H, Tp]
   prompt_v: jax.Array  # [L, B, K, Tp, H]
   prompt_valid: jax.Array  # [B, Tp] bool: the position holds a real token
-  k: jax.Array  # [L, B, K, H, N, M] generated tokens, slot (beam, step), up to step index - 2
-  v: jax.Array  # [L, B, K, N, M, H]
+  k: jax.Array  # [L, B, K, H, M * N] generated tokens, slot t * N + n (step t, beam n), up to step index - 2
+  v: jax.Array  # [L, B, K, M * N, H]
   last_k: jax.Array  # [L, B, K, H, N] step index - 1, written into k by the next decode (see decode)
   last_v: jax.Array  # [L, B, K, N, H]
-  history: jax.Array  # [B, N, N, M] bool: beam n's step t is in slot (n', t) (steps up to `index`)
+  history: jax.Array  # [B, N, M, N] bool: beam n's step t is in slot (t, n') (steps up to `index`)
   index: jax.Array  # int32 scalar: the next step to compute
 
 
@@ -183,8 +186,34 @@ def as_values(v_RxSxKxH):
   return v_RxSxKxH.transpose(0, 2, 1, 3)
 
 
+def by_layer(x, num_layers: int):
+  """Per-layer arrays [L, ...] in the form the layers of a step read them: a tuple of L arrays when the
+  layers are unrolled (model_lib.UNROLL_LAYERS: XLA copies a layer's slice of one stacked array before a
+  product reads it, ~70 µs per layer for keys and again for values in a decoding step at bench_ranking's
+  quick size), the stacked array when they are a scan (which slices it). Takes either form."""
+  unrolled = num_layers <= model_lib.UNROLL_LAYERS
+  if isinstance(x, tuple):
+    return x if unrolled else jnp.stack(x)
+  return tuple(x[i] for i in range(num_layers)) if unrolled else x
+
+
+def set_layer(layers, index, value):
+  """`by_layer` arrays with layer `index` (static when a tuple) replaced by value."""
+  if isinstance(layers, tuple):
+    return layers[:index] + (value.astype(layers[index].dtype),) + layers[index + 1:]
+  return layers.at[index].set(value.astype(layers.dtype))
+
+
+def map_layers(fn, *layers):
+  """fn applied to each layer of `by_layer` arrays, in the same form."""
+  if isinstance(layers[0], tuple):
+    return tuple(fn(*xs) for xs in zip(*layers))
+  return jax.vmap(fn)(*layers)
+
+
 def prefix_segment(prefix: Prefix, layer):
-  return [] if prefix.k.shape[-1] == 0 else [Segment(prefix.k[layer][None], prefix.v[layer][None])]
+  k = prefix.k[layer]
+  return [] if k.shape[-1] == 0 else [Segment(k[None], prefix.v[layer][None])]
 
 
 def over_layers(layer_fn, carry, base, adapters, num_layers: int):
@@ -205,7 +234,7 @@ def over_layers(layer_fn, carry, base, adapters, num_layers: int):
 
 def empty_prefix(cfg: model_lib.LlamaConfig) -> Prefix:
   keys = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 0), cfg.compute_dtype)
-  return Prefix(keys, keys.transpose(0, 1, 3, 2))
+  return Prefix(by_layer(keys, cfg.num_layers), by_layer(keys.transpose(0, 1, 3, 2), cfg.num_layers))
 
 
 def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefix, cfg, lcfg):
@@ -214,6 +243,7 @@ def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefi
   B, T = tokens_BxT.shape
   cos, sin = kernels.rope_tables(positions_BxT, cfg)
   keys = jnp.zeros((cfg.num_layers, B, cfg.num_kv_heads, cfg.head_dim, T), cfg.compute_dtype)
+  keys, values = by_layer(keys, cfg.num_layers), by_layer(keys.swapaxes(-1, -2), cfg.num_layers)
 
   def layer_fn(carry, index, layer, layer_adapters):
     x, k_all, v_all = carry
@@ -224,10 +254,10 @@ def _encode(base, adapters, tokens_BxT, positions_BxT, mask_BxTxT, prefix: Prefi
       return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
     x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
-    return x, k_all.at[index].set(k.astype(k_all.dtype)), v_all.at[index].set(v.astype(v_all.dtype))
+    return x, set_layer(k_all, index, k), set_layer(v_all, index, v)
 
-  x, k_all, v_all = over_layers(layer_fn, (model_lib.embed(base, tokens_BxT, cfg), keys, keys.swapaxes(-1, -2)),
-                                 base, adapters, cfg.num_layers)
+  x, k_all, v_all = over_layers(layer_fn, (model_lib.embed(base, tokens_BxT, cfg), keys, values), base, adapters,
+                                cfg.num_layers)
   return model_lib.final_norm(base, x[:, -1], cfg), k_all, v_all
 
 
@@ -240,7 +270,7 @@ def encode_prefix(base, adapters, prefix_tokens, *, cfg: model_lib.LlamaConfig, 
   positions = jnp.arange(P, dtype=jnp.int32)[None]
   causal = jnp.tril(jnp.ones((P, P), bool))[None]
   _, k, v = _encode(base, adapters, prefix_tokens[None], positions, causal, empty_prefix(cfg), cfg, lcfg)
-  return Prefix(k[:, 0], v[:, 0])  # [L, K, H, P]
+  return Prefix(map_layers(lambda x: x[0], k), map_layers(lambda x: x[0], v))  # [L, K, H, P]
 
 
 def split_prefix(base, adapters, cfg, lcfg, prompts, prefix_length: int | None = None):
@@ -258,17 +288,19 @@ def prefill(base, adapters, prompt, attention_mask, cfg, lcfg, max_new_tokens: i
             prefix: Prefix | None = None):
   """Encode left-padded prompts [B, Tp] after the prefix; (last logits [B, V], cache for `num_beams` beams
   of `max_new_tokens` steps, positions of the first new token [B])."""
-  prefix = empty_prefix(cfg) if prefix is None else prefix
+  L = cfg.num_layers
+  prefix = empty_prefix(cfg) if prefix is None else Prefix(by_layer(prefix.k, L), by_layer(prefix.v, L))
   B, Tp = prompt.shape
   valid = attention_mask.astype(bool)
-  P = prefix.k.shape[-1]
+  P = prefix.k[0].shape[-1]
   positions = (P + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)).astype(jnp.int32)
   mask = valid[:, None, :] & jnp.tril(jnp.ones((Tp, Tp), bool))[None]
   h, k, v = _encode(base, adapters, prompt, positions, mask, prefix, cfg, lcfg)
-  L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_beams
-  zeros = lambda *shape: jnp.zeros(shape, cfg.compute_dtype)
-  history = jnp.broadcast_to(jnp.eye(num_beams, dtype=bool)[None, :, :, None], (B, N, N, max_new_tokens))
-  cache = Cache(prefix, k, v, valid, zeros(L, B, K, H, N, max_new_tokens), zeros(L, B, K, N, max_new_tokens, H),
+  K, H, N = cfg.num_kv_heads, cfg.head_dim, num_beams
+  zeros = lambda *shape: by_layer(jnp.zeros(shape, cfg.compute_dtype), L)
+  M = max_new_tokens
+  history = jnp.broadcast_to(jnp.eye(N, dtype=bool)[None, :, None, :], (B, N, M, N))
+  cache = Cache(prefix, k, v, valid, zeros(L, B, K, H, M * N), zeros(L, B, K, M * N, H),
                 zeros(L, B, K, H, N), zeros(L, B, K, N, H), history, jnp.zeros((), jnp.int32))
   return model_lib.lm_logits(base, h, cfg), cache, (P + jnp.sum(valid, axis=-1)).astype(jnp.int32)
 
@@ -281,14 +313,16 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
   update that nothing read before (so in place); a beam then attends to the earlier steps in the cache
   and to its own new key and value, which become the next call's `last_k`, `last_v`.
   """
-  B, N, _, M = cache.history.shape
+  B, N, M, _ = cache.history.shape
   step = jnp.maximum(cache.index - 1, 0)  # at step 0, zeros into a slot not yet read
-  k_cache = jax.lax.dynamic_update_slice(cache.k, cache.last_k[..., None], (0, 0, 0, 0, 0, step))
-  v_cache = jax.lax.dynamic_update_slice(cache.v, cache.last_v[..., None, :], (0, 0, 0, 0, step, 0))
+  k_cache = map_layers(lambda k, last: jax.lax.dynamic_update_slice(k, last, (0, 0, 0, step * N)), cache.k,
+                       cache.last_k)
+  v_cache = map_layers(lambda v, last: jax.lax.dynamic_update_slice(v, last, (0, 0, step * N, 0)), cache.v,
+                       cache.last_v)
   cos, sin = kernels.rope_tables(positions_R[:, None], cfg)
   prompt_mask = cache.prompt_valid[:, None, None, :]  # [B, 1, 1, Tp]: every beam of a prompt reads it
   # Beam n reads its steps t < the current one from their slots (the current one is its own new key).
-  generated_mask = (cache.history & (jnp.arange(M) < cache.index)).reshape(B, N, 1, N * M)
+  generated_mask = (cache.history & (jnp.arange(M) < cache.index)[:, None]).reshape(B, N, 1, M * N)
   K, H = cfg.num_kv_heads, cfg.head_dim
 
   def layer_fn(carry, index, layer, layer_adapters):
@@ -297,18 +331,18 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
     def attention(q, k, v):
       segments = prefix_segment(cache.prefix, index) + [
           Segment(cache.prompt_k[index], cache.prompt_v[index], prompt_mask),
-          Segment(k_cache[index].reshape(B, K, H, N * M), v_cache[index].reshape(B, K, N * M, H), generated_mask),
+          Segment(k_cache[index], v_cache[index], generated_mask),
           Segment(k, v, per_row=True)]
       return attend_segments(q, segments, cfg.head_dim ** -0.5), (k, v)
 
     x, (k, v) = model_lib.decoder_layer(x, layer, layer_adapters, attention, cos, sin, cfg, lcfg)
     k = k[:, 0].reshape(B, N, K, H).transpose(0, 2, 3, 1)  # [B, K, H, N]
     v = v[:, 0].reshape(B, N, K, H).transpose(0, 2, 1, 3)  # [B, K, N, H]
-    return x, new_k.at[index].set(k.astype(new_k.dtype)), new_v.at[index].set(v.astype(new_v.dtype))
+    return x, set_layer(new_k, index, k), set_layer(new_v, index, v)
 
   x = model_lib.embed(base, tokens_R[:, None], cfg)
-  x, new_k, new_v = over_layers(layer_fn, (x, jnp.zeros_like(cache.last_k), jnp.zeros_like(cache.last_v)), base,
-                                adapters, cfg.num_layers)
+  x, new_k, new_v = over_layers(layer_fn, (x, map_layers(jnp.zeros_like, cache.last_k),
+                                           map_layers(jnp.zeros_like, cache.last_v)), base, adapters, cfg.num_layers)
   logits = model_lib.lm_logits(base, model_lib.final_norm(base, x[:, -1], cfg), cfg)
   return logits, cache._replace(k=k_cache, v=v_cache, last_k=new_k, last_v=new_v, index=cache.index + 1)
 
@@ -317,10 +351,10 @@ def _reorder(cache: Cache, src_BxN) -> Cache:
   """The cache after beams were replaced by copies of beams src (within each prompt): only the
   histories move (a small boolean array, kept rather than recomputed from beam indices by every layer's
   mask); the new step will be written in each beam's own slot."""
-  _, N, _, M = cache.history.shape
+  _, N, M, _ = cache.history.shape
   history = jnp.take_along_axis(cache.history, src_BxN[:, :, None, None], axis=1)
-  step = jnp.arange(M) == cache.index
-  return cache._replace(history=jnp.where(step, jnp.eye(N, dtype=bool)[None, :, :, None], history))
+  step = (jnp.arange(M) == cache.index)[:, None]
+  return cache._replace(history=jnp.where(step, jnp.eye(N, dtype=bool)[None, :, None, :], history))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "max_new_tokens", "eos_id", "pad_id"))
