@@ -77,7 +77,10 @@ def common_prefix_length(token_lists) -> int:
 # Attention over segments of keys shared by groups of rows
 
 
-CONCAT_SCORES = 1 << 18  # scores (all segments) up to which one softmax over concatenated scores is used
+# Scores (all segments) up to which one softmax over concatenated scores is used. Measured on a CPU: decoding
+# steps of 16-64 prompts x 4 beams (0.2-0.8 M scores) run 8-12% faster concatenated, likelihood blocks of
+# 8 prompts x 512 trie nodes (~3 M scores) 1.5x faster normalised per segment.
+CONCAT_SCORES = 1 << 21
 
 
 class Segment(NamedTuple):
@@ -136,8 +139,10 @@ def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = N
     else:  # [Rk, K, R // Rk, T, G, S]: reduce over the last axis
       m = jnp.max(s, axis=-1, keepdims=True)
       e = jnp.exp(s - m)
-      total, out = jnp.sum(e, axis=-1, keepdims=True), jnp.einsum("rkntgs,rksh->rntkgh", e.astype(dtype), seg.v)
+      Rk, S = e.shape[0], e.shape[-1]  # [Rk, K, rows of the group, S] @ [Rk, K, S, H]: the product's own layout
+      out = jnp.matmul(e.astype(dtype).reshape(Rk, K, -1, S), seg.v).reshape(Rk, K, R // Rk, T, G, H)
       to_rows = lambda x: x.transpose(0, 2, 3, 1, 4, 5).reshape(R, T, K, G, x.shape[-1])
+      total, out = jnp.sum(e, axis=-1, keepdims=True), to_rows(out)
     parts.append((to_rows(m), to_rows(total), out.reshape(R, T, K, G, H).astype(jnp.float32)))
   top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
   weights = [jnp.exp(m - top) for m, _, _ in parts]
