@@ -354,8 +354,7 @@ def decode(base, adapters, tokens_R, positions_R, cache: Cache, cfg, lcfg):
 
 def _reorder(cache: Cache, src_BxN) -> Cache:
   """The cache after beams were replaced by copies of beams src (within each prompt): only the
-  histories move (a small boolean array, kept rather than recomputed from beam indices by every layer's
-  mask); the new step will be written in each beam's own slot."""
+  histories move (a boolean [B, N, M, N]); the new step will be written in each beam's own slot."""
   _, N, M, _ = cache.history.shape
   history = jnp.take_along_axis(cache.history, src_BxN[:, :, None, None], axis=1)
   step = (jnp.arange(M) == cache.index)[:, None]
