@@ -112,7 +112,8 @@ def test_beam_search_after_a_shared_prefix_equals_transformers(peaky):
   prefix, suffixes, ids, mask = prefixed_prompts(cfg)
   ref = hf_generate(hf, ids, mask, 4)
   encoded = generation.encode_prefix(params, {}, np.asarray(prefix, np.int32), cfg=cfg, lcfg=LCFG)
-  assert [encoded.k[i].shape for i in range(cfg.num_layers)] == [(cfg.num_kv_heads, cfg.head_dim, 5)] * cfg.num_layers
+  want = (cfg.num_kv_heads, cfg.head_dim, 5)
+  assert [encoded.k[i].shape for i in range(cfg.num_layers)] == [want] * cfg.num_layers
   suffix_ids, suffix_mask = grounding.left_pad(suffixes, 8, len(suffixes))  # more padding than needed
   out = generation.beam_search(params, {}, suffix_ids, suffix_mask, cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW,
                                num_beams=4, eos_id=2, pad_id=0, prefix=encoded)
@@ -134,18 +135,26 @@ def test_split_prefix_takes_the_common_tokens():
 
 
 def test_scanned_layers_give_the_same_beams(peaky, monkeypatch):
-  """Models deeper than UNROLL_LAYERS run their layers as a scan with the cache in the carry."""
-  hf, cfg, params, ids, mask = peaky
+  """Models deeper than UNROLL_LAYERS run their layers as a scan with the cache in the carry (stacked
+  [L, ...] arrays, not one per layer): the same beams, also after a prefix encoded with unrolled layers."""
+  hf, cfg, params, _, _ = peaky
+  prefix, suffixes, ids, mask = prefixed_prompts(cfg)
+  suffix_ids, suffix_mask = grounding.left_pad(suffixes, 8, len(suffixes))
+  encoded = generation.encode_prefix(params, {}, np.asarray(prefix, np.int32), cfg=cfg, lcfg=LCFG)
+  assert isinstance(encoded.k, tuple)  # one array per layer
   kwargs = dict(cfg=cfg, lcfg=LCFG, max_new_tokens=MAX_NEW, num_beams=4, eos_id=2, pad_id=0)
   search = lambda: functools.partial(generation.beam_search.__wrapped__, **kwargs)  # a new function: traced anew
   has_scan = lambda: "scan[" in str(jax.make_jaxpr(search())(params, {}, ids, mask))
-  unrolled = generation.beam_search(params, {}, ids, mask, **kwargs)
+  unrolled = [generation.beam_search(params, {}, ids, mask, **kwargs),
+              generation.beam_search(params, {}, suffix_ids, suffix_mask, prefix=encoded, **kwargs)]
   assert not has_scan()
   monkeypatch.setattr(model_lib, "UNROLL_LAYERS", 1)
   assert has_scan()
-  scanned = jax.jit(search())(params, {}, ids, mask)
-  np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
-  np.testing.assert_allclose(np.asarray(scanned.scores), np.asarray(unrolled.scores), rtol=1e-5)
+  scanned = [jax.jit(search())(params, {}, ids, mask),
+             jax.jit(search())(params, {}, suffix_ids, suffix_mask, prefix=encoded)]
+  for got, want in zip(scanned, unrolled):
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-5)
 
 
 @pytest.mark.parametrize("concat", [True, False])

@@ -78,7 +78,18 @@ def scores_matrix(ranked, scores, num_items):
   return out
 
 
-def test_catalog_likelihood_equals_full_forward_of_each_title(shop):
+@pytest.fixture(params=["unrolled", "scanned"])
+def layers(request, monkeypatch):
+  """The model's layers unrolled (one cache array per layer) or, as in models deeper than UNROLL_LAYERS, a
+  scan over stacked caches; the jit caches are cleared so that every program is traced for this form."""
+  if request.param == "scanned":
+    monkeypatch.setattr(model_lib, "UNROLL_LAYERS", 1)
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
+
+
+def test_catalog_likelihood_equals_full_forward_of_each_title(shop, layers):
   tokenizer, hf, cfg, params, texts, prompts = shop
   responses = recommend.response_tokens(tokenizer, texts, TITLES)
   with torch.no_grad():

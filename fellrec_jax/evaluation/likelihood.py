@@ -10,8 +10,8 @@ and to its own ancestors (the title's earlier tokens), at the position its depth
 the next token of every title through it. A title's last token (EOS) predicts nothing, so it is no node.
 The result is the full forward of each title after the prompt (tests/test_ranking.py), with fewer rows:
 on 1,000 synthetic titles, 6,656 node rows (13 blocks of 512) against 12,288 padded title tokens before.
-A running top-k keeps memory at [prompts, block] scores for any catalog size. Unlike grounding, this ranks with the client's
-adapters: it asks the fine-tuned model directly how likely each item is.
+A running top-k keeps memory at [prompts, block] scores for any catalog size. Unlike grounding, this
+ranks with the client's adapters: it asks the fine-tuned model directly how likely each item is.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def trie_logprobs(base, adapters, cache: generation.Cache, rope_PxD, first_logp_
   `cache` holds the prompts' keys/values (generation.prefill: the shared prefix once, each prompt's own
   tokens: keys [L, P, K, H, S], values [L, P, K, S, H]); `first_logp_PxV` their next-token log-probs
   (which score each title's first token); `rope_PxD` the rotary tables of node depths (`node_rope`, at
-  least the block's deepest node + 1). Rows are
-  (prompt, node) pairs, one token each: a node reads its prompt's keys (one matmul per prompt and kv head
-  over all its nodes' queries) and gathers its ancestors' keys of the same layer.
+  least the block's deepest node + 1). Rows are (prompt, node) pairs, one token each: a node reads its
+  prompt's keys (one matmul per prompt and kv head over all its nodes' queries) and gathers its ancestors'
+  keys of the same layer.
   """
   P, (N, D) = rope_PxD[0].shape[0], block.path.shape
   cos, sin = (table[:, block.depth].reshape(P * N, 1, -1) for table in rope_PxD)

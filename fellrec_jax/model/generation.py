@@ -134,7 +134,7 @@ def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = N
     if seg.per_row:  # [R, S, K, G]: reduce over axis 1
       m = jnp.max(s, axis=1)
       e = jnp.exp(s - m[:, None])
-      total, out = jnp.sum(e, axis=1), jnp.sum(e.astype(dtype)[..., None] * seg.v[:, :, :, None], axis=1)
+      total, out = jnp.sum(e, axis=1), _per_row_values(e.astype(dtype), seg.v)
       to_rows = lambda x: x.reshape(R, 1, K, G, -1)
     else:  # [Rk, K, R // Rk, T, G, S]: reduce over the last axis
       m = jnp.max(s, axis=-1, keepdims=True)
@@ -148,6 +148,11 @@ def attend_segments(q_RxTxKxGxH, segments, scale: float, concat: bool | None = N
   weights = [jnp.exp(m - top) for m, _, _ in parts]
   total = sum(w * l for w, (_, l, _) in zip(weights, parts))
   return (sum(w * out for w, (_, _, out) in zip(weights, parts)) / total).astype(dtype)
+
+
+def _per_row_values(p_RxSxKxG, v_RxSxKxH):
+  """A per-row segment's values weighted by its (unnormalised) probabilities: [R, K, G, H]."""
+  return jnp.sum(p_RxSxKxG[..., None] * v_RxSxKxH[:, :, :, None], axis=1)
 
 
 def _softmax_concatenated(scores, segments, shape, dtype):
@@ -172,7 +177,7 @@ def _softmax_concatenated(scores, segments, shape, dtype):
     p, start = probs[..., start:start + S].astype(dtype), start + S
     if seg.per_row:  # [R, S, K, G] x [R, S, K, H]
       p = p[:, :, :, 0].transpose(0, 2, 4, 1, 3).reshape(R, S, K, G)
-      o = jnp.sum(p[..., None] * seg.v[:, :, :, None], axis=1).reshape(Rc, n, K, T, G, -1).transpose(0, 2, 1, 3, 4, 5)
+      o = _per_row_values(p, seg.v).reshape(Rc, n, K, T, G, -1).transpose(0, 2, 1, 3, 4, 5)
     else:  # [Rk, K, rows of the group, S] @ [Rk, K, S, H]
       Rk = seg.k.shape[0]
       p = p.reshape(Rk, Rc // Rk, K, n * T * G, S).transpose(0, 2, 1, 3, 4).reshape(Rk, K, -1, S)
