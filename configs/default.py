@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fed.server_adapters = "per_client"  # per_client (reference) | shared (one middle-layer set, averaged)
   c.fed.clients_per_chunk = 2  # clients trained at once (vmap lanes, balanced by steps); 0 = all at once
   c.fed.stream_groups = 1  # the clients' tokens as this many independent streams per step
+  # Streamed steps run at the smallest of this many token budgets that holds them, planned over the run's
+  # steps: fewer padded tokens, one more compiled step per size (1 = every step at the run's largest).
+  c.fed.stream_sizes = 4
   c.fed.prox_mu = 0.01  # fedprox: proximal coefficient mu
   c.fed.ditto_lambda = 0.1  # ditto: proximal coefficient of the personal models
   c.fed.min_rounds = 10  # early stopping only after this round (reference: 10)

@@ -88,8 +88,8 @@ def test_preset_default_mirrors_the_default_config():
   assert model["split_k"] == config.fed.split_k and args.tokenizer_vocab == config.data.vocab_size
   assert (args.lora_rank, args.lora_alpha, tuple(args.lora_targets)) == (config.lora.rank, config.lora.alpha,
                                                                           tuple(config.lora.targets))
-  assert (args.batch_size, args.lanes, args.stream_groups) == (config.data.batch_size, config.fed.clients_per_chunk,
-                                                               config.fed.stream_groups)
+  assert (args.batch_size, args.lanes, args.stream_groups, args.stream_sizes) == (
+      config.data.batch_size, config.fed.clients_per_chunk, config.fed.stream_groups, config.fed.stream_sizes)
   assert (args.quick_clients, args.lora_dropout, args.group_by_length) == (config.fed.num_clients, 0.05, True)
   cpu = benchmark.parse_args(["--batch_size", "4", "--lora_dropout", "0"])
   assert (cpu.batch_size, cpu.lanes, cpu.lora_rank, cpu.lora_dropout, cpu.group_by_length) == (4, 16, 8, 0.0, False)

@@ -213,18 +213,18 @@ def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round,
   config.pretrain.steps, config.model.num_layers = 2, 2
   run = rounds.plan_round_shapes(setup_lib.setup(config, tmp_path))
   given, own = [], []
-  real_raise = training.raise_budgets
+  real_sizes = training.step_sizes
 
-  def raise_budgets(budget, floor):
-    own.append(budget)
-    return real_raise(budget, floor)
+  def step_sizes(needs, sizes):
+    own.append(real_sizes(needs, None)[1])  # the round's own budgets
+    return real_sizes(needs, sizes)
 
-  def compiled_round(base, states, batches, *args, lc, budget, **kwargs):  # stands in for the jitted round
-    given.append((budget, batches.tokens.shape))
+  def compiled_round(base, states, batches, *args, lc, sizes, **kwargs):  # stands in for the jitted round
+    given.append((sizes, batches.tokens.shape))
     m = states.rng.shape[0]
     return states, training.ClientMetrics(jnp.full(m, 2.0), jnp.ones(m, jnp.int32), jnp.ones(m))
 
-  monkeypatch.setattr(training, "raise_budgets", raise_budgets)
+  monkeypatch.setattr(training, "step_sizes", step_sizes)
   monkeypatch.setattr(training, "_streamed_round_jit", compiled_round)
   monkeypatch.setattr(training, "_lanes_round_jit", compiled_round)
   clients = state_lib.init_state(run).clients
@@ -235,7 +235,7 @@ def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round,
     ctx = training.RoundContext(jnp.int32(0), jnp.ones(len(part), jnp.float32))
     rounds.train_clients(run, participation.gather(clients, jnp.asarray(part)), batches, None, ctx)
   assert len(given) == config.fed.rounds and len(set(given)) == 1, given
-  assert given[0][0] == run.round_shapes.budgets
+  assert given[0][0] == run.round_shapes.sizes
   assert (run.round_shapes.waves > 0) == (per_round > 0 and lanes > 0)  # all clients: the same waves anyway
   if per_round or lanes:  # the rounds' own budgets differ: without the plan, more than one compilation
     assert len(set(own)) > 1

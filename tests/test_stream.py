@@ -100,8 +100,19 @@ def test_budgets_count_the_busiest_step_over_all_clients():
   assert [stream.round_up(n) for n in (1, 32, 33, 100, 1000, 1025)] == [1, 32, 34, 100, 1024, 1088]
 
 
-@pytest.mark.parametrize("accum,prox,fresh", [(1, 0.0, True), (2, 0.1, False)])
-def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh):
+def planned_sizes(batches, lc, count, waves=False):
+  """(each step's size, the sizes): `count` sizes planned over the steps of `batches`, as a run plans them;
+  with two or more, the steps must not all run at one size (else the test would not test sizes)."""
+  needs = training.round_needs(batches, lc, waves=waves)
+  size, sizes = training.step_sizes(needs, stream.plan_sizes(needs, count))
+  assert len(sizes) == count and len(set(np.asarray(size).tolist())) == count
+  return size, sizes
+
+
+@pytest.mark.parametrize("accum,prox,fresh,sizes", [(1, 0.0, True, 1), (2, 0.1, False, 1), (1, 0.0, False, 2)])
+def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh, sizes):
+  """The streamed round, every step at one size or each at the smallest of two that holds it, gives the
+  per-client vmap's adapters, optimizer state and losses."""
   lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
   opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1, fresh_each_round=fresh)
   lc = training.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum, prox)
@@ -112,8 +123,9 @@ def test_streamed_round_equals_the_vmapped_round(accum, prox, fresh):
   anchors = adapters_of(4, lcfg, seed=7) if prox else None
   ctx = training.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
   states = lambda: training.init_client_states(jax.tree.map(jnp.array, adapters), lc, jax.random.PRNGKey(4))
-  budget = stream.group_budgets(batches.segment_ids, batches.step_mask, accum)
-  got = training._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc, budget=budget)
+  size, planned = planned_sizes(batches, lc, sizes)
+  got = training._streamed_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, size, lc=lc,
+                                     sizes=planned)
   want = training._vmapped_round_jit(base, states(), batches, prefix, prefix_mask, anchors, ctx, lc=lc)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
@@ -130,6 +142,28 @@ def test_group_budgets_hold_every_step_of_their_group():
     valid = (segment_ids[a:b] > 0) & step_mask[a:b, :, None, None]
     assert budget.tokens >= valid.sum(axis=(0, 2, 3)).max()
     assert budget.rows >= valid.any(-1).sum(axis=(0, 2)).max()
+
+
+def test_planned_sizes_pad_the_least_and_each_step_runs_at_the_smallest_that_holds_it():
+  """Hand-computed: steps of 10, 10, 100, 100, 100 and 1,000 tokens. Two sizes: {10, 10, 100 x3} at 100 and
+  {1,000} pad 5 x 100 + 1,000 = 1,500 tokens, less than any other cut (20 + 4 x 1,000 = 4,020); three:
+  10 / 100 / 1,000 (1,320). A size holds the most rows of its steps too; ties keep fewer sizes."""
+  tokens, rows = [10, 10, 100, 100, 100, 1000], [1, 7, 2, 3, 2, 9]
+  needs = np.stack([tokens, rows], axis=-1)[:, None]  # [S, G=1, 2]
+  B = stream.Budgets
+  assert stream.plan_sizes(needs, 1) == ((B(1024, 9),),)
+  two = stream.plan_sizes(needs, 2)
+  assert two == ((B(100, 7),), (B(1024, 9),))
+  assert stream.plan_sizes(needs, 3) == ((B(10, 7),), (B(100, 3),), (B(1024, 9),))
+  assert stream.plan_sizes(needs, 8) == stream.plan_sizes(needs, 3)  # three distinct sizes are all there is
+  assert stream.plan_sizes(np.tile(needs[:1], (4, 1, 1)), 4) == ((B(10, 1),),)
+  size, sizes = stream.size_of_steps(needs, two)
+  assert size.tolist() == [0, 0, 0, 0, 0, 1] and sizes == two
+  size, sizes = stream.size_of_steps(np.asarray([[[50, 8]], [[90, 2]], [[2000, 1]]]), two)
+  assert size.tolist() == [1, 0, 1]  # 8 rows do not fit the first size; 2,000 tokens raise the largest
+  assert sizes == ((B(100, 7),), (B(2048, 9),))
+  groups = np.asarray([[[10, 1], [900, 4]], [[900, 4], [10, 1]]])  # two groups: each size holds both
+  assert stream.plan_sizes(groups, 2) == ((B(928, 4), B(928, 4)),)  # 900 rounded up (round_up)
 
 
 def test_round_budgets_of_waves_are_taken_over_lanes():
@@ -150,9 +184,10 @@ def test_round_budgets_of_waves_are_taken_over_lanes():
   assert len(flat) == 2 and flat != budgets
 
 
-def _dropout_round(path, groups=1, lanes=0, seed=4):
+def _dropout_round(path, groups=1, lanes=0, seed=4, sizes=1):
   """One round of the four test clients with LoRA dropout 0.05 and two micro-batches per step by `path`:
-  'streamed' (groups of streams, or lanes when `lanes`) or 'vmapped' (the per-client reference)."""
+  'streamed' (groups of streams, or lanes when `lanes`; each step at the smallest of `sizes` planned
+  sizes) or 'vmapped' (the per-client reference)."""
   lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05, targets=("q_proj", "v_proj", "down_proj"))
   opt = optimizer.OptimizerConfig(learning_rate=5e-3, warmup_steps=1)
   lc = training.LocalConfig(split_learning.SplitConfig(CFG, lcfg, 1), opt, accum_steps=2, stream_groups=groups,
@@ -162,7 +197,13 @@ def _dropout_round(path, groups=1, lanes=0, seed=4):
   batches = client_batches(6, seed=1)
   ctx = training.RoundContext(jnp.int32(1), jnp.asarray([1.0, 0.5, 1.0, 2.0]))
   states = training.init_client_states(adapters_of(4, lcfg), lc, jax.random.PRNGKey(seed))
-  return training.local_round(base, states, batches, prefix, prefix_mask, None, ctx, lc=lc, lanes=lanes)
+  planned = None
+  if sizes > 1:
+    schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes) if lanes else None
+    steps = training.arrange(batches, schedule) if lanes else batches
+    planned = planned_sizes(steps, lc, sizes, waves=bool(lanes))[1]
+  return training.local_round(base, states, batches, prefix, prefix_mask, None, ctx, lc=lc, lanes=lanes,
+                              sizes=planned)
 
 
 def _assert_same_round(got, want):
@@ -187,9 +228,12 @@ def test_streamed_round_with_dropout_draws_the_vmapped_rounds_masks(streamed_wit
 
 
 def test_dropout_masks_do_not_depend_on_how_clients_are_grouped(streamed_with_dropout):
-  """One stream, two streams of two clients, and two lanes of clients in turn give the same round."""
+  """One stream, two streams of two clients, and two lanes of clients in turn give the same round, each
+  step at one size or at the smallest of two that holds it."""
   _assert_same_round(_dropout_round("streamed", groups=2), streamed_with_dropout)
   _assert_same_round(_dropout_round("streamed", lanes=2), streamed_with_dropout)
+  _assert_same_round(_dropout_round("streamed", lanes=2, sizes=2), streamed_with_dropout)
+  _assert_same_round(_dropout_round("streamed", groups=2, sizes=2), streamed_with_dropout)
 
 def test_dropout_masks_are_per_token_and_at_the_rate():
   """Each token's mask comes from its client's key and its id alone: the same token in another set of

@@ -14,7 +14,8 @@ the same steps (B per client step; the step assignment is our batch plan's shuff
 norm clipping at 1.0, as the reference's Trainer). Batches are prepared before timing on both sides.
 The torch side pads each batch to its longest example rounded up to a multiple of 8, as the reference's
 DataCollatorForSeq2Seq(pad_to_multiple_of=8); ours packs the suffixes after the shared prompt prefix into
-rows (docs/data.md). Each side runs in its own subprocess (peak RSS is per side); one round is the
+rows (docs/data.md) and streams them, each step at the smallest of --stream_sizes token budgets planned
+over the round (as a run plans them over its rounds). Each side runs in its own subprocess (peak RSS is per side); one round is the
 warm-up (it includes our compilation), then --reps rounds are timed and the median is reported (on a
 CPU in alternating blocks of --block rounds, each turn starting with --rewarm untimed rounds).
 
@@ -72,7 +73,7 @@ PRESETS = {
 # The run settings of a preset besides its model; a value given on the command line wins.
 RUN_DEFAULTS = dict(tokenizer_vocab=8192, lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj"),
                     batch_size=8, lanes=16, stream_groups=2, loss_chunk=512, quick_clients=8,
-                    group_by_length=False)
+                    group_by_length=False, stream_sizes=4)
 PRESET_RUNS = {
     "default": dict(tokenizer_vocab=2000, lora_rank=16, lora_targets=ALL_PROJECTIONS, batch_size=16, lanes=2,
                     stream_groups=1, loss_chunk=0, quick_clients=5, group_by_length=True),
@@ -102,6 +103,9 @@ def parse_args(argv=None):
                  "count it does not divide, or that use lanes, run on one")
   p.add_argument("--stream_groups", type=int, default=None, help="our clients' tokens as this many independent "
                  "streams per step (training.LocalConfig.stream_groups; preset's: 2, default 1)")
+  p.add_argument("--stream_sizes", type=int, default=None, help="our streamed steps run at the smallest of this "
+                 "many budgets that holds them, planned over the round as a run plans them (fed.stream_sizes; "
+                 "default 4; 1: every step at the round's largest)")
   p.add_argument("--loss_chunk", type=int, default=None, help="our positions per LM-head chunk (0: all; preset's: "
                  "512, which ran 4%% faster than 1024 on a 2-core CPU; default 0)")
   p.add_argument("--reps", type=int, default=4, help="timed rounds per side and case (the median is reported)")
@@ -380,12 +384,15 @@ def jax_side(spec: dict):
     ctx = training.RoundContext(ctx.warmup_steps, put(ctx.lr_scale))
   rss_before = current_rss_mb()
   losses, last = [], {}
+  placed = put(training.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
+  sizes = planned_sizes(batches, lc, lanes, placed, spec.get("stream_sizes", 1))
 
   def one_round():
     states = put(training.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
     jax.block_until_ready(states)
     start, cpu = time.perf_counter(), cpu_seconds()
-    states, metrics = training.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes)
+    states, metrics = training.local_round(base, states, batches, *prefix, None, ctx, lc=lc, lanes=lanes,
+                                           sizes=sizes)
     jax.block_until_ready((states, metrics))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     losses[:] = np.asarray(metrics.train_loss).tolist()
@@ -396,7 +403,7 @@ def jax_side(spec: dict):
     out = {"train_loss": losses, "rows_per_step": plan.rows_per_step, "row_len": plan.row_len,
            "steps": plan.steps, "lanes": lanes, "slots_per_step": plan.rows_per_step * plan.row_len,
            "rss_before_mb": rss_before, "peak_rss_mb": rss_mb(), "devices": devices,
-           **executed_flops(plan, batches, lc, lanes, last["states"])}
+           **executed_flops(plan, batches, lc, lanes, last["states"], sizes)}
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
       out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -405,33 +412,52 @@ def jax_side(spec: dict):
   return one_round, summary
 
 
-def executed_flops(plan, batches, lc, lanes: int, states) -> dict:
+def round_steps(batches, lc, lanes: int, states):
+  """(the steps as local_round runs them: waves [W, V] by lanes, else [C, S]; whether streamed; the client
+  mesh's devices) for client states placed as `states`."""
+  from fellrec_jax.federated import training
+  streamed = training.streams(lc, states, bool(lanes))
+  mesh = training.client_mesh(states) if streamed else None
+  if lanes:
+    batches = training.arrange(batches, training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes))
+  return batches, streamed, mesh.shape["clients"] if mesh is not None else 1
+
+
+def planned_sizes(batches, lc, lanes: int, states, count: int):
+  """The sizes our streamed steps run at, planned over this round's steps as a run plans them over its
+  rounds (rounds.plan_round_shapes); None when the round is not streamed."""
+  from fellrec_jax.federated import training
+  from fellrec_jax.federated import stream
+  steps, streamed, devices = round_steps(batches, lc, lanes, states)
+  if not streamed:
+    return None
+  return stream.plan_sizes(training.stream_needs(steps, lc, waves=bool(lanes), shards=devices), count)
+
+
+def executed_flops(plan, batches, lc, lanes: int, states, sizes) -> dict:
   """The FLOPs our round executes, in the layout local_round chose for client states placed as `states`:
-  streamed (on one device, or on each device of a client mesh), or packed rows per client."""
+  streamed (on one device, or on each device of a client mesh; each step at its size of `sizes`), or
+  packed rows per client."""
   from fellrec_jax.federated import training
   from fellrec_jax.federated import stream
   from fellrec_jax.analysis import flops as flops_lib
   cfg, lcfg = lc.split.model, lc.split.lora
-  streamed = training.streams(lc, states, bool(lanes))
-  mesh = training.client_mesh(states) if streamed else None
-  devices = mesh.shape["clients"] if mesh is not None else 1
-  if lanes:  # waves [W, V]: a step of V lanes per wave
-    schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
-    batches = training.arrange(batches, schedule)
-    steps, width = batches.step_mask.shape
-  else:  # [C, S]: a step of all C clients per step
-    width, steps = batches.step_mask.shape
+  batches, streamed, devices = round_steps(batches, lc, lanes, states)
+  steps, width = batches.step_mask.shape if lanes else batches.step_mask.shape[::-1]
   if not streamed:
     per_step = width * flops_lib.packed_training_flops(cfg, lcfg, plan.rows_per_step, plan.row_len, plan.prefix_len)
     return {"streamed": False, "executed_flops": steps * per_step}
-  # As local_round computes them: each of the devices streams width / devices members with these budgets.
+  # As local_round computes them: each of the devices streams width / devices members, each step at its size.
   groups = stream.group_bounds(width // devices, lc.stream_groups)
-  budgets = training.stream_budgets(batches, lc, waves=bool(lanes), shards=devices)
-  per_step = devices * sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len,
-                                                             plan.prefix_len, hi - lo, stream.CAUSAL_BLOCKS)
-                           for (lo, hi), b in zip(groups, budgets))
-  return {"streamed": True, "budget_tokens": sum(b.tokens for b in budgets),
-          "budget_rows": sum(b.rows for b in budgets), "executed_flops": steps * per_step}
+  size, sizes = training.step_sizes(training.stream_needs(batches, lc, waves=bool(lanes), shards=devices), sizes)
+  size = np.asarray(size)
+  flops = [devices * sum(flops_lib.streamed_training_flops(cfg, lcfg, b.tokens, b.rows, plan.row_len,
+                                                           plan.prefix_len, hi - lo, stream.CAUSAL_BLOCKS)
+                         for (lo, hi), b in zip(groups, budgets)) for budgets in sizes]
+  tokens = [sum(b.tokens for b in budgets) for budgets in sizes]
+  rows = [sum(b.rows for b in budgets) for budgets in sizes]
+  return {"streamed": True, "stream_sizes": len(sizes), "budget_tokens": float(np.mean(np.take(tokens, size))),
+          "budget_rows": float(np.mean(np.take(rows, size))), "executed_flops": float(np.sum(np.take(flops, size)))}
 
 
 def _label_mask(n: int) -> np.ndarray:
@@ -716,7 +742,8 @@ def run_case(args, info, workdir, examples, clients: int, k: int, sides, peak: f
   if "jax" in sides:
     devices = args.devices if clients % args.devices == 0 and clients <= args.lanes else 1
     specs["jax"] = dict(common, assignment=assignment, k=k, row_len=args.row_len, lanes=args.lanes, devices=devices,
-                        loss_chunk=args.loss_chunk, stream_groups=args.stream_groups)
+                        loss_chunk=args.loss_chunk, stream_groups=args.stream_groups,
+                        stream_sizes=args.stream_sizes)
   if "torch" in sides and torch_result is None:
     specs["torch"] = dict(common, steps=step_examples)
   results = run_sides(args, specs, workdir)

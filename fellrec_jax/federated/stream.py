@@ -74,16 +74,28 @@ def round_up(n: int) -> int:
   return -(-n // step) * step
 
 
-def budgets(segment_ids, step_mask, accum_steps: int = 1) -> Budgets:
-  """Budgets for batches [C, S, R, T] (or waves [W, V, R, T]): the most tokens and non-empty rows that
-  any step's micro-batch has over all its clients, rounded up (host-side, numpy)."""
+def step_needs(segment_ids, step_mask, accum_steps: int = 1) -> np.ndarray:
+  """int [S, 2]: for batches [C, S, R, T] (or waves [W, V, R, T]), the row tokens and non-empty rows that
+  each step's largest micro-batch holds over all its clients (host-side, numpy, not rounded)."""
   seg = np.asarray(segment_ids)
   valid = (seg > 0) & np.asarray(step_mask)[..., None, None]
   C, S, R, T = valid.shape
   valid = valid.reshape(C, S, accum_steps, R // accum_steps, T)
-  tokens = valid.sum(axis=(0, 3, 4)).max()
-  rows = valid.any(axis=-1).sum(axis=(0, 3)).max()
-  return Budgets(round_up(int(tokens)), round_up(int(rows)))
+  tokens = valid.sum(axis=(0, 3, 4)).max(axis=1)
+  rows = valid.any(axis=-1).sum(axis=(0, 3)).max(axis=1)
+  return np.stack([tokens, rows], axis=-1).astype(np.int64)
+
+
+def fit(needs) -> Budgets:
+  """The budget holding needs [..., 2] (`step_needs`), rounded up."""
+  most = np.asarray(needs).reshape(-1, 2).max(axis=0, initial=0)
+  return Budgets(round_up(int(most[0])), round_up(int(most[1])))
+
+
+def budgets(segment_ids, step_mask, accum_steps: int = 1) -> Budgets:
+  """Budgets for batches [C, S, R, T] (or waves [W, V, R, T]): the most tokens and non-empty rows that
+  any step's micro-batch has over all its clients, rounded up (host-side, numpy)."""
+  return fit(step_needs(segment_ids, step_mask, accum_steps))
 
 
 def group_bounds(num_clients: int, groups: int) -> list[tuple[int, int]]:
@@ -92,10 +104,65 @@ def group_bounds(num_clients: int, groups: int) -> list[tuple[int, int]]:
   return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
+def group_needs(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1) -> np.ndarray:
+  """int [S, G, 2]: `step_needs` of each group of clients (`group_bounds`), each group being its own stream."""
+  seg, mask = np.asarray(segment_ids), np.asarray(step_mask)
+  return np.stack([step_needs(seg[a:b], mask[a:b], accum_steps) for a, b in group_bounds(seg.shape[0], groups)],
+                  axis=1)
+
+
 def group_budgets(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1) -> tuple[Budgets, ...]:
   """`budgets` of each group of clients (`group_bounds`), each group being its own stream."""
-  seg, mask = np.asarray(segment_ids), np.asarray(step_mask)
-  return tuple(budgets(seg[a:b], mask[a:b], accum_steps) for a, b in group_bounds(seg.shape[0], groups))
+  needs = group_needs(segment_ids, step_mask, accum_steps, groups)
+  return tuple(fit(needs[:, g]) for g in range(needs.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes: the steps of a round run at the smallest of a few planned budgets that holds them
+
+
+def plan_sizes(needs, sizes: int) -> tuple[tuple[Budgets, ...], ...]:
+  """At most `sizes` budgets (each one per group, ascending) for steps of needs [N, G, 2] (`group_needs` of
+  all the steps to run), chosen so that running every step at the smallest one that holds it pads the
+  least: the steps, ordered by their rounded tokens, are cut into `sizes` classes minimising the sum over
+  steps of their class's tokens (dynamic programming over the distinct rounded sizes)."""
+  needs = np.asarray(needs).reshape(-1, *np.shape(needs)[-2:])
+  rounded = np.vectorize(round_up)(np.maximum(needs[..., 0], 1))  # [N, G]
+  key = rounded.sum(axis=1)
+  values, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+  n, k = len(values), max(1, min(sizes, len(values)))
+  before = np.concatenate([[0], np.cumsum(counts)])  # steps with a key below values[i]
+  cost = np.full((k + 1, n + 1), np.inf)  # cost[j, i]: the first i values cut into j classes
+  cut = np.zeros((k + 1, n + 1), np.int64)
+  cost[0, 0] = 0.0
+  for j in range(1, k + 1):
+    for i in range(1, n + 1):
+      options = cost[j - 1, :i] + (before[i] - before[:i]) * values[i - 1]
+      cut[j, i] = int(np.argmin(options))
+      cost[j, i] = options[cut[j, i]]
+  j = int(np.argmin(cost[1:, n])) + 1
+  ends, i = [], n
+  while i > 0:
+    ends.append(i)
+    i, j = cut[j, i], j - 1
+  ladder, start = [], 0
+  for end in sorted(ends):
+    members = needs[(inverse >= start) & (inverse < end)]
+    ladder.append(tuple(fit(members[:, g]) for g in range(needs.shape[1])))
+    start = end
+  return tuple(ladder)
+
+
+def size_of_steps(needs, ladder: tuple[tuple[Budgets, ...], ...]):
+  """(int32 [S]: each step's size, the first budget of `ladder` that holds its needs [S, G, 2]; the ladder,
+  its largest budget raised where a step needs more (one more compilation))."""
+  needs = np.asarray(needs)
+  top = tuple(Budgets(max(b.tokens, f.tokens), max(b.rows, f.rows))
+              for b, f in zip(ladder[-1], (fit(needs[:, g]) for g in range(needs.shape[1]))))
+  ladder = ladder[:-1] + (top,)
+  limits = np.asarray([[[b.tokens, b.rows] for b in rung] for rung in ladder])  # [K, G, 2]
+  holds = np.all(needs[:, None] <= limits[None], axis=(2, 3))  # [S, K]
+  return np.argmax(holds, axis=1).astype(np.int32), ladder
 
 
 def layout(tokens, positions, segment_ids, loss_mask, real, prefix_tokens, budget: Budgets) -> Layout:

@@ -209,6 +209,19 @@ def streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, 
       adapters, opt_state, count, total, labels, grads, real, anchors, warmup_steps, total_steps, lr_scale)
 
 
+Sizes = tuple[tuple[stream.Budgets, ...], ...]  # budgets a streamed step may run at (one per group), ascending
+
+
+def sized_step(sizes: Sizes, size, *args, lc: LocalConfig) -> StepOutput:
+  """`streamed_step(*args)` at the budgets `sizes[size]` (`size`: a traced index, the smallest size that
+  holds the step, `stream.size_of_steps`): a switch between the step compiled at each size, only one of
+  which runs. The padding differs, the numbers are those of any size that holds the step."""
+  steps = [functools.partial(streamed_step, lc=lc, budget=budget) for budget in sizes]
+  if len(steps) == 1:
+    return steps[0](*args)
+  return jax.lax.switch(size, steps, *args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Lanes: a scan over waves of a vmap over V lanes, each training several clients in turn
 
@@ -263,9 +276,10 @@ def _scatter(tree, index, values):
 
 
 def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first, last, prefix_tokens,
-                 prefix_loss_mask, anchors, ctx: RoundContext, lc: LocalConfig,
-                 budget: stream.Budgets | None = None):
-  """The lanes round; with a `budget`, each wave's steps run as one stream (`streamed_step`)."""
+                 prefix_loss_mask, anchors, ctx: RoundContext, lc: LocalConfig, sizes: Sizes | None = None,
+                 size=None):
+  """The lanes round; with `sizes`, each wave's steps run as one stream (`sized_step`; `size` [W]: each
+  wave's size)."""
   num_clients = states.rng.shape[0]
   tx = optimizer_lib.transform(lc.optimizer)
   keys = jax.vmap(jax.random.split)(states.rng)
@@ -279,20 +293,20 @@ def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first
 
   def wave(carry, xs):
     adapters, opt_state, lane_adapters, lane_opt, lane_count, sums = carry
-    batch, active, c, is_first, is_last = xs
+    batch, active, c, is_first, is_last, wave_size = xs
     where_first = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(is_first.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
     lane_adapters = where_first(_gather(adapters, c), lane_adapters)
     loaded_opt = jax.vmap(tx.init)(lane_adapters) if opt_state is None else _gather(opt_state, c)
     lane_opt = where_first(loaded_opt, lane_opt)
     lane_count = jnp.where(is_first, 0, lane_count)
-    if budget is None:
+    if sizes is None:
       out = step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens, prefix_loss_mask,
                  _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c], round_rng[c])
     else:
-      out = streamed_step(base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens,
-                          prefix_loss_mask, _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c],
-                          round_rng[c], lc, budget)
+      out = sized_step(sizes, wave_size, base, lane_adapters, lane_opt, lane_count, batch, active, prefix_tokens,
+                       prefix_loss_mask, _gather(anchors, c), ctx.warmup_steps, total_steps[c], ctx.lr_scale[c],
+                       round_rng[c], lc=lc)
     owner = jnp.where(active, c, num_clients)
     sums = tuple(s.at[owner].add(v, mode="drop") for s, v in zip(sums, (out.loss, out.labels)))
     store = jnp.where(active & is_last, c, num_clients)
@@ -303,7 +317,8 @@ def _lanes_round(base, states: ClientStates, waves: ClientBatches, client, first
 
   zeros = jnp.zeros(num_clients, jnp.float32)
   carry = (states.adapters, states.opt_state, lane_adapters, lane_opt, jnp.zeros(lanes, jnp.int32), (zeros, zeros))
-  xs = (tuple(waves[:4]), waves.step_mask, client, first, last)
+  size = jnp.zeros(client.shape[0], jnp.int32) if size is None else size
+  xs = (tuple(waves[:4]), waves.step_mask, client, first, last, size)
   (adapters, opt_state, _, _, _, (loss_sums, labels)), _ = jax.lax.scan(wave, carry, xs)
   metrics = ClientMetrics(loss_sums / jnp.maximum(total_steps, 1), total_steps, labels)
   return ClientStates(adapters, opt_state, next_rng), metrics
@@ -347,8 +362,9 @@ def _vmapped_round(base, states: ClientStates, batches: ClientBatches, prefix_to
 
 
 def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
-                    ctx: RoundContext, lc: LocalConfig, budget: stream.Budgets):
-  """`_vmapped_round` with each step of all clients run as streams (`streamed_step`)."""
+                    ctx: RoundContext, size, lc: LocalConfig, sizes: Sizes):
+  """`_vmapped_round` with each step of all clients run as streams (`sized_step`; `size` [S]: each step's
+  size)."""
   num_clients = states.rng.shape[0]
   opt_state = states.opt_state
   if lc.optimizer.fresh_each_round:
@@ -359,13 +375,13 @@ def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_t
 
   def body(carry, xs):
     adapters, opt_state, count = carry
-    batch, real = xs
-    out = streamed_step(base, adapters, opt_state, count, batch, real, prefix_tokens, prefix_loss_mask, anchors,
-                        ctx.warmup_steps, total_steps, ctx.lr_scale, round_rng, lc, budget)
+    batch, real, step_size = xs
+    out = sized_step(sizes, step_size, base, adapters, opt_state, count, batch, real, prefix_tokens,
+                     prefix_loss_mask, anchors, ctx.warmup_steps, total_steps, ctx.lr_scale, round_rng, lc=lc)
     return (out.adapters, out.opt_state, out.count), (out.loss, out.labels)
 
   by_step = lambda x: jnp.swapaxes(x, 0, 1)
-  xs = (tuple(by_step(x) for x in batches[:4]), by_step(batches.step_mask))
+  xs = (tuple(by_step(x) for x in batches[:4]), by_step(batches.step_mask), size)
   init = (states.adapters, opt_state, jnp.zeros(num_clients, jnp.int32))
   (adapters, opt_state, steps), (losses, labels) = jax.lax.scan(body, init, xs)
   metrics = ClientMetrics(jnp.sum(losses, axis=0) / jnp.maximum(steps, 1), steps, jnp.sum(labels, axis=0))
@@ -373,22 +389,21 @@ def _streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_t
 
 
 def _sharded_streamed_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,
-                            anchors, ctx: RoundContext, lc: LocalConfig, budget: tuple[stream.Budgets, ...],
-                            mesh: Mesh):
+                            anchors, ctx: RoundContext, size, lc: LocalConfig, sizes: Sizes, mesh: Mesh):
   """`_streamed_round` on every device of the mesh's `clients` axis over its own shard of the clients
   (shard_map): clients are independent within a round, so no device waits for another."""
   shard, whole = P("clients"), P()
-  run = functools.partial(_streamed_round, lc=lc, budget=budget)
-  in_specs = (whole, shard, shard, whole, whole, shard, RoundContext(whole, shard))
+  run = functools.partial(_streamed_round, lc=lc, sizes=sizes)
+  in_specs = (whole, shard, shard, whole, whole, shard, RoundContext(whole, shard), whole)
   return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(shard, shard), check_vma=False)(
-      base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx)
+      base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, size)
 
 
 # Client states are donated: their buffers are reused for the new states.
 _vmapped_round_jit = jax.jit(_vmapped_round, static_argnames=("lc",), donate_argnums=(1,))
-_streamed_round_jit = jax.jit(_streamed_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
-_lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc", "budget"), donate_argnums=(1,))
-_sharded_streamed_round_jit = jax.jit(_sharded_streamed_round, static_argnames=("lc", "budget", "mesh"),
+_streamed_round_jit = jax.jit(_streamed_round, static_argnames=("lc", "sizes"), donate_argnums=(1,))
+_lanes_round_jit = jax.jit(_lanes_round, static_argnames=("lc", "sizes"), donate_argnums=(1,))
+_sharded_streamed_round_jit = jax.jit(_sharded_streamed_round, static_argnames=("lc", "sizes", "mesh"),
                                       donate_argnums=(1,))
 
 
@@ -418,44 +433,68 @@ def streams(lc: LocalConfig, states: ClientStates, lanes: bool = False) -> bool:
   return not lanes and client_mesh(states) is not None
 
 
-def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
-                   shards: int = 1) -> tuple[stream.Budgets, ...]:
-  """The static budgets of a round's streams (stream.group_budgets, host-side): of batches [C, S, ...], a
-  step of every client per step; or of waves [W, V, ...] (`arrange`), where a stream's members are the V
-  lanes and its steps are the waves, so the budgets are taken over [V, W, ...]. With `shards`, the
-  members are split into that many equal shards (devices), each its own streams; one program runs on
-  all of them, so each group's budget is the largest over the shards. In a multi-process job each process
-  measures the shards it holds, and the largest over all processes is taken."""
+def stream_needs(batches: ClientBatches, lc: LocalConfig, waves: bool = False, shards: int = 1) -> np.ndarray:
+  """int [S, G, 2]: the row tokens and rows each step of a round's streams holds, per group
+  (stream.group_needs, host-side): of batches [C, S, ...], a step of every client per step; or of waves
+  [W, V, ...] (`arrange`), where a stream's members are the V lanes and its steps are the waves, so the
+  needs are taken over [V, W, ...]. With `shards`, the members are split into that many equal shards
+  (devices), each its own streams; one program runs on all of them, so each step needs the most of any
+  shard. In a multi-process job each process measures the shards it holds, and the most over all
+  processes is taken."""
   if isinstance(batches.segment_ids, jax.Array) and not batches.segment_ids.is_fully_addressable:
-    return _multiprocess_budgets(batches, lc)
+    return _multiprocess_needs(batches, lc)
   segment_ids, step_mask = np.asarray(batches.segment_ids), np.asarray(batches.step_mask)
   if waves:
     segment_ids, step_mask = np.swapaxes(segment_ids, 0, 1), np.swapaxes(step_mask, 0, 1)
   size = segment_ids.shape[0] // shards
-  parts = [stream.group_budgets(segment_ids[i * size:(i + 1) * size], step_mask[i * size:(i + 1) * size],
-                                lc.accum_steps, lc.stream_groups) for i in range(shards)]
-  return tuple(stream.Budgets(max(b.tokens for b in group), max(b.rows for b in group)) for group in zip(*parts))
+  return np.max([stream.group_needs(segment_ids[i * size:(i + 1) * size], step_mask[i * size:(i + 1) * size],
+                                    lc.accum_steps, lc.stream_groups) for i in range(shards)], axis=0)
 
 
-def _multiprocess_budgets(batches: ClientBatches, lc: LocalConfig) -> tuple[stream.Budgets, ...]:
-  """stream_budgets of client-sharded global arrays: each device's shard measured where it lives."""
+def _multiprocess_needs(batches: ClientBatches, lc: LocalConfig) -> np.ndarray:
+  """stream_needs of client-sharded global arrays: each device's shard measured where it lives."""
   def local_shards(x):
     by_start = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
     return [by_start[k] for k in sorted(by_start)]
 
-  parts = [stream.group_budgets(seg, mask, lc.accum_steps, lc.stream_groups)
-           for seg, mask in zip(local_shards(batches.segment_ids), local_shards(batches.step_mask))]
-  local = np.asarray([[max(b.tokens for b in group), max(b.rows for b in group)] for group in zip(*parts)])
-  largest = np.max(multihost_utils.process_allgather(local), axis=0)
-  return tuple(stream.Budgets(int(t), int(r)) for t, r in largest)
+  local = np.max([stream.group_needs(seg, mask, lc.accum_steps, lc.stream_groups)
+                  for seg, mask in zip(local_shards(batches.segment_ids), local_shards(batches.step_mask))], axis=0)
+  return np.max(multihost_utils.process_allgather(local), axis=0)
+
+
+def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
+                   shards: int = 1) -> tuple[stream.Budgets, ...]:
+  """The budgets (one per group) that hold every step of a round's streams (`stream_needs`), rounded up."""
+  needs = stream_needs(batches, lc, waves, shards)
+  return tuple(stream.fit(needs[:, g]) for g in range(needs.shape[1]))
+
+
+def round_needs(batches, lc: LocalConfig, waves: bool = False, mesh=None) -> np.ndarray:
+  """`stream_needs` of a round's steps: over waves (`arrange`) on the lanes path, per device shard on a
+  client mesh (`client_mesh`), else over all clients' steps."""
+  return stream_needs(batches, lc, waves=waves, shards=mesh.shape["clients"] if mesh is not None else 1)
+
+
+def step_sizes(needs, sizes: Sizes | None) -> tuple[jax.Array, Sizes]:
+  """(int32 [S]: each step's size, the sizes) for steps of needs [S, G, 2] (`round_needs`): the smallest of
+  the planned `sizes` that holds the step (None: one size, this round's budgets), the largest size raised
+  where a step needs more (one more compilation)."""
+  needs = np.asarray(needs)
+  if sizes is None:
+    sizes = (tuple(stream.fit(needs[:, g]) for g in range(needs.shape[1])),)
+  if len(sizes[0]) != needs.shape[1]:
+    raise ValueError(f"{needs.shape[1]} stream groups, but sizes planned for {len(sizes[0])}")
+  size, sizes = stream.size_of_steps(needs, sizes)
+  return jnp.asarray(size), sizes
 
 
 def local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask, anchors,
                 ctx: RoundContext, *, lc: LocalConfig, lanes: int = 0, schedule: LaneSchedule | None = None,
-                min_budget: tuple[stream.Budgets, ...] | None = None):
+                sizes: Sizes | None = None):
   """All clients' local training for one round from [C, S, ...] batches; `lanes` clients at once (0: all).
-  `min_budget`: stream budgets this round's are raised to (`round_budgets` of the run's largest round, so
-  that every round runs one compiled program).
+  `sizes`: the budgets the round's streamed steps may run at (`stream.plan_sizes` over all the run's rounds,
+  so that every round runs one compiled program and each step at the smallest size that holds it); None:
+  every step at the size of this round's largest.
 
   Returns the new ClientStates (the given ones are donated) and ClientMetrics.
   """
@@ -465,36 +504,22 @@ def local_round(base, states: ClientStates, batches: ClientBatches, prefix_token
   if not by_lanes:
     batches = ClientBatches(*batches[:5])
     mesh = client_mesh(states) if streamed else None
-    if streamed:
-      budget = raise_budgets(round_budgets(batches, lc, mesh=mesh), min_budget)
+    if not streamed:
+      return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
+    size, sizes = step_sizes(round_needs(batches, lc, mesh=mesh), sizes)
     if mesh is not None:
       return _sharded_streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx,
-                                         lc=lc, budget=budget, mesh=mesh)
-    if streamed:
-      return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc,
-                                 budget=budget)
-    return _vmapped_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, lc=lc)
+                                         size, lc=lc, sizes=sizes, mesh=mesh)
+    return _streamed_round_jit(base, states, batches, prefix_tokens, prefix_loss_mask, anchors, ctx, size, lc=lc,
+                               sizes=sizes)
   if schedule is None:
     schedule = lane_schedule(np.asarray(batches.step_mask).sum(axis=1), lanes)
   waves = arrange(batches, schedule)
-  budget = raise_budgets(round_budgets(waves, lc, waves=True), min_budget) if streamed else None  # one device
+  size = None
+  if streamed:  # one device
+    size, sizes = step_sizes(round_needs(waves, lc, waves=True), sizes)
   return _lanes_round_jit(base, states, waves, schedule.client, schedule.first, schedule.last, prefix_tokens,
-                          prefix_loss_mask, anchors, ctx, lc=lc, budget=budget)
-
-
-def round_budgets(batches, lc: LocalConfig, waves: bool = False, mesh=None) -> tuple[stream.Budgets, ...]:
-  """The stream budgets a round of `batches` needs: over waves (`arrange`) on the lanes path, per device
-  shard on a client mesh (`client_mesh`), else over all clients' steps."""
-  return stream_budgets(batches, lc, waves=waves, shards=mesh.shape["clients"] if mesh is not None else 1)
-
-
-def raise_budgets(budget: tuple[stream.Budgets, ...], floor: tuple[stream.Budgets, ...] | None):
-  """Each group's budget raised to `floor`'s (None: unchanged)."""
-  if floor is None:
-    return budget
-  if len(floor) != len(budget):
-    raise ValueError(f"{len(budget)} stream groups, but a floor of {len(floor)}")
-  return tuple(stream.Budgets(max(a.tokens, b.tokens), max(a.rows, b.rows)) for a, b in zip(budget, floor))
+                          prefix_loss_mask, anchors, ctx, lc=lc, sizes=sizes if streamed else None, size=size)
 
 
 def sequential_local_round(base, states: ClientStates, batches: ClientBatches, prefix_tokens, prefix_loss_mask,

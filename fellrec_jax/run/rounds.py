@@ -71,28 +71,31 @@ def train_clients(run: Run, clients, batches, anchors, ctx):
   shapes = run.round_shapes
   return training.local_round(run.base, clients, batches, run.data.prefix_ids, run.data.prefix_loss_mask,
                                anchors, ctx, lc=lc, lanes=run.lanes, schedule=lane_schedule(run, batches),
-                               min_budget=shapes.budgets if shapes is not None else None)
+                               sizes=shapes.sizes if shapes is not None else None)
 
 
 class RoundShapes(NamedTuple):
   """What every round of a run is padded to (`plan_round_shapes`)."""
 
   waves: int  # lane waves of the round's schedule (0: the rounds do not run by lanes, or not padded)
-  budgets: tuple[stream.Budgets, ...]  # the streams' budgets
+  sizes: training.Sizes  # the budgets the streams' steps run at (each step the smallest that holds it)
 
 
 def plan_round_shapes(run: Run) -> Run:
-  """`run` with the largest stream budgets (and, with partial participation, the most lane waves) over all
-  its rounds, each round's taken from its participants (seeded, no client retired) and their batches,
-  host-side, once: every round then runs one compiled program, where each round's own budgets would make
-  a new one. A round that needs more (a retired client changed who takes part) raises them for itself (one
-  more compilation). A multi-process run is returned unchanged (each process holds only its clients)."""
+  """`run` with the shapes of all its rounds, taken from each round's participants (seeded, no client
+  retired) and their batches, host-side, once: with partial participation and lanes, the most lane waves
+  of any round; and the streams' sizes, at most `fed.stream_sizes` budgets chosen over the steps of all
+  rounds (`stream.plan_sizes`) so that each step runs at the smallest that holds it. Every round then runs
+  one compiled program, where each round's own budgets would make a new one, and a step of few tokens
+  does not pay for the round's largest. A round that needs more (a retired client changed who takes
+  part) raises the largest size for itself (one more compilation). A multi-process run is returned
+  unchanged (each process holds only its clients)."""
   if jax.process_count() > 1:
     return run
   per_round = run.config.fed.get("clients_per_round", 0)
   start, eligible = time.perf_counter(), np.ones(run.num_train_clients, bool)
   mesh = run.mesh if run.mesh.shape.get("clients", 1) > 1 and run.mesh.shape.get("model", 1) == 1 else None
-  waves, budgets = 0, None
+  waves, needs = 0, []
   for r in range(run.config.fed.rounds):
     part = participation.sample_participants(run.config.seed, r, eligible, per_round)
     batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
@@ -100,13 +103,16 @@ def plan_round_shapes(run: Run) -> Run:
       schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
       if 0 < per_round < run.num_train_clients:  # lane_schedule pads partial participation's to `waves`
         waves = max(waves, schedule.client.shape[0])
-      need = training.round_budgets(training.arrange(batches, schedule), run.lc, waves=True)
+      needs.append(training.round_needs(training.arrange(batches, schedule), run.lc, waves=True))
     else:
-      need = training.round_budgets(batches, run.lc, mesh=mesh)
-    budgets = training.raise_budgets(need, budgets)
-  logger.info("every round padded to stream budgets %s%s (planned in %.1f s)", [tuple(b) for b in budgets],
-              f" and {waves} lane waves" if waves else "", time.perf_counter() - start)
-  return dataclasses.replace(run, round_shapes=RoundShapes(waves, budgets))
+      needs.append(training.round_needs(batches, run.lc, mesh=mesh))
+  if waves:  # the idle waves each round is padded with
+    needs = [np.concatenate([n, np.zeros((waves - len(n), *n.shape[1:]), n.dtype)]) for n in needs]
+  sizes = stream.plan_sizes(np.concatenate(needs), run.config.fed.get("stream_sizes", 1))
+  logger.info("streamed steps run at %d size(s) %s%s (planned in %.1f s)", len(sizes),
+              [[tuple(b) for b in size] for size in sizes], f", every round padded to {waves} lane waves" if waves
+              else "", time.perf_counter() - start)
+  return dataclasses.replace(run, round_shapes=RoundShapes(waves, sizes))
 
 
 def lane_schedule(run: Run, batches) -> training.LaneSchedule | None:

@@ -76,8 +76,8 @@ def validate_config(config) -> None:
   fed = config.fed
   if fed.aggregator not in AGGREGATORS:
     raise ValueError(f"fed.aggregator={fed.aggregator!r} is unknown; choose from {AGGREGATORS}")
-  for name in ("rounds", "local_epochs", "stream_groups"):
-    if fed[name] < 1:
+  for name in ("rounds", "local_epochs", "stream_groups", "stream_sizes"):
+    if fed.get(name, 1) < 1:
       raise ValueError(f"fed.{name} must be >= 1, got {fed[name]}")
   if fed.num_clients < 1 and not (fed.num_clients == 0 and config.data.partition == "per_user"):
     raise ValueError(f"fed.num_clients must be >= 1 (or 0 with data.partition=per_user: one client per "
