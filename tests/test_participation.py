@@ -172,32 +172,42 @@ def test_padded_lane_schedules_take_few_shapes():
 
 
 def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monkeypatch):
-  """Every client's validation batches are padded to the largest client's rows; a chunk's call keeps the
-  rows its clients use (rounded up to a power of two) and gives the losses of the whole padded batches, up
-  to float32 reduction order over fewer zeros."""
+  """Every client's validation batches are padded to the largest client's rows; clients are validated in
+  groups of the rows they use (rounded up to a power of two), each call keeping those rows and as many
+  clients as the rows of `clients_per_chunk` padded clients allow. The losses are those of the whole
+  padded batches, up to float32 reduction order over fewer zeros, in the order the clients were asked."""
   run = variant(base_run, clients_per_chunk=1)
   valid = jax.tree.map(np.array, rounds.client_data(run, run.data.valid_batches, run.num_clients))
   R = valid.tokens.shape[2]
   assert R > 1
-  for field in ("tokens", "positions", "segment_ids", "loss_mask"):  # client 0 keeps its first row only
-    getattr(valid, field)[0, :, 1:] = 0
-  np.testing.assert_array_equal(rounds.used_rows(valid)[0], 1)
+  for field in ("tokens", "positions", "segment_ids", "loss_mask"):  # clients 0 and 2 keep their first row only
+    getattr(valid, field)[[0, 2], :, 1:] = 0
+  np.testing.assert_array_equal(rounds.used_rows(valid)[[0, 2]], 1)
   valid = jax.tree.map(jnp.asarray, valid)
   adapters = state_lib.init_state(run).clients.adapters
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(adapters))))
   adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
-  rows_seen, validate = [], training.validation_nll
+  calls, validate = [], training.validation_nll
 
   def recording(base, adapters, batches, *args, **kwargs):
-    rows_seen.append(batches.tokens.shape[2])
+    calls.append((batches.tokens.shape[2], np.asarray(batches.tokens)[np.asarray(batches.step_mask)[:, 0]]))
     return validate(base, adapters, batches, *args, **kwargs)
 
   monkeypatch.setattr(training, "validation_nll", recording)
   chunked = rounds.validation_losses(run, adapters, valid)
-  assert rows_seen[0] == 1 and rows_seen[1:] == [rounds.row_bucket(int(r), R) for r in rounds.used_rows(valid)[1:]]
+  buckets = [rounds.row_bucket(int(r), R) for r in rounds.used_rows(valid)]
+  for rows in set(buckets):  # each client once, in calls of its group, as few as R rows a call allow
+    counts = [len(tokens) for r, tokens in calls if r == rows]
+    per_call = max(1, R // rows)
+    assert sum(counts) == buckets.count(rows) and len(counts) == -(-sum(counts) // per_call)
+    assert max(counts) * rows <= R or per_call == 1
+  assert sorted({r for r, _ in calls}) == sorted(set(buckets)) and buckets.count(1) == 2
+  assert [len(tokens) for r, tokens in calls if r == 1] == [2]  # the two one-row clients share a call
   whole = rounds.validation_losses(variant(base_run, clients_per_chunk=0), adapters, valid)
-  assert rows_seen[-1] == R  # all clients at once: the padded batches
+  assert calls[-1][0] == R  # all clients at once: the padded batches
   np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  some = np.asarray([3, 0, 2])
+  np.testing.assert_allclose(rounds.validation_losses(run, adapters, valid, some), whole[some], rtol=1e-5)
   assert np.isfinite(chunked).all() and len(set(np.round(chunked, 4))) > 1
 
 

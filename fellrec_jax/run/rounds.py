@@ -158,10 +158,13 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
   """[n] token-mean validation NLL of the adapters of `clients` (None: all C; nan for a client without
   validation data).
 
-  Clients are validated `clients_per_chunk` (else fed.clients_per_round) at a time, the last chunk padded with
-  masked copies, so that memory stays bounded with thousands of clients; each call keeps only the rows its
-  clients use (`used_rows`: every client's batches are padded to the largest client's rows), rounded up to
-  a power of two so that calls share a few shapes. In a multi-process run all at once, each process its own.
+  So that memory stays bounded with thousands of clients, clients are validated a few at a time, each
+  call holding at most the rows of `clients_per_chunk` (else fed.clients_per_round) clients' padded
+  batches: every client's batches are padded to the largest client's rows, while most clients use few
+  (`used_rows`). Clients are grouped by the rows they use, rounded up to a power of two, and each call
+  keeps only those rows, so it validates as many clients of the group as the row limit allows (the last
+  call of a group padded with masked copies); calls share a few shapes. In a multi-process run all at
+  once, each process its own.
   """
   adapters = eval_adapters(run, adapters)
   C = run.num_clients
@@ -172,23 +175,24 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
     total, count = (np.asarray(x, np.float64) for x in sharding.to_host((total, count)))
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
   clients = np.arange(C) if clients is None else np.asarray(clients)
-  n = len(clients)
-  # One shape for every call (the last chunk padded): clients_per_chunk, else the participants of a round.
+  # The rows of `chunk` clients' padded batches per call: clients_per_chunk, else the participants of a round.
   chunk = chunk if 0 < chunk < C else min(C, run.config.fed.get("clients_per_round", 0) or C)
-  totals, counts = [], []
-  rows = used_rows(valid)
-  for start in tqdm(range(0, n, chunk), desc=f"validating {n} clients", unit="call", leave=False,
-                    disable=n < batching.PROGRESS_MIN_CLIENTS):
-    index = clients[np.minimum(np.arange(start, start + chunk), n - 1)]
-    real = np.arange(start, start + chunk) < n
-    keep = row_bucket(int(rows[index].max()), valid.tokens.shape[2])
-    part = jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :keep], valid)
+  limit = valid.tokens.shape[2]
+  bucket = np.asarray([row_bucket(int(r), limit) for r in used_rows(valid)[clients]])
+  total, count = np.zeros(len(clients)), np.zeros(len(clients))
+  calls = [(rows, group[start:start + per_call], per_call)
+           for rows in np.unique(bucket)
+           for group, per_call in [(np.flatnonzero(bucket == rows), max(1, chunk * limit // rows))]
+           for start in range(0, len(group), per_call)]
+  for rows, slots, per_call in tqdm(calls, desc=f"validating {len(clients)} clients", unit="call", leave=False,
+                                    disable=len(clients) < batching.PROGRESS_MIN_CLIENTS):
+    real = np.arange(per_call) < len(slots)
+    index = clients[slots[np.minimum(np.arange(per_call), len(slots) - 1)]]
+    part = jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :rows], valid)
     part = part._replace(step_mask=part.step_mask & real[:, None])
-    total, count = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
-                                           run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
-    totals.append(np.asarray(total, np.float64)[real])
-    counts.append(np.asarray(count, np.float64)[real])
-  total, count = np.concatenate(totals), np.concatenate(counts)
+    t, c = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
+                                   run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
+    total[slots], count[slots] = np.asarray(t, np.float64)[real], np.asarray(c, np.float64)[real]
   return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
