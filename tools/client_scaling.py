@@ -1,10 +1,11 @@
 """Seconds per trained sample and peak memory of training rounds as the number of clients grows.
 
 One run per invocation (so that the peak RSS is this run's): the synthetic data with `--clients` users,
-one client per user (per_user partition; a 2-core, as the 5-core of 8 users is empty), the default tiny model with small adapters (LoRA r4 on q_proj
-and v_proj, so that 10,000 clients' state fits a small machine), `--per_round` clients per round (0 =
-all), `--rounds` rounds. Prints one JSON line: the steady-state round (the fastest after the first, which
-compiles), its trained samples, seconds per sample, peak RSS and the client state's bytes.
+one client per user (per_user partition; a 2-core, as the 5-core of 8 users is empty), the default tiny
+model with small adapters (LoRA r4 on q_proj and v_proj, so that 10,000 clients' state fits a small
+machine), `--per_round` clients per round (0 = all), `--rounds` rounds. Prints one JSON line: the
+steady-state round (the fastest after the first, which compiles), its trained samples, seconds per
+sample, peak RSS, and the client state's bytes on disk (checkpoint) and in memory.
 
   python tools/client_scaling.py --clients 1000 --per_round 100 --workdir /tmp/scaling
 """
@@ -19,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +40,7 @@ def config_for(args):
   c.fed.rounds = args.rounds
   c.fed.local_epochs = 1
   c.fed.aggregator = args.aggregator
+  c.fed.stream_sizes = args.stream_sizes
   c.lora.rank = 4
   c.lora.targets = ("q_proj", "v_proj")
   c.pretrain.steps = 30
@@ -54,12 +58,23 @@ def trained_samples(workdir: Path, record: dict, local_epochs: int) -> int:
   return local_epochs * int(arrays["train_examples"][arrays["status"] == "trained"].sum())
 
 
+def client_state_bytes(checkpoints: Path) -> int:
+  """Bytes of the latest checkpoint's state arrays as held in memory (shape x dtype of each, from the
+  checkpoint's metadata): the clients' adapters, best adapters and optimizer state, the server's [C] arrays."""
+  step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  meta = ocp.StandardCheckpointer().metadata(checkpoints / str(step) / "state").item_metadata
+  arrays = [m for m in jax.tree.leaves(meta) if getattr(m, "shape", None) is not None]
+  return sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in arrays)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--clients", type=int, required=True, help="users of the synthetic data = clients")
   parser.add_argument("--per_round", type=int, default=0, help="fed.clients_per_round (0: all)")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--aggregator", default="fellrec")
+  parser.add_argument("--stream_sizes", type=int, default=default.get_config().fed.stream_sizes,
+                      help="fed.stream_sizes: the budgets streamed steps run at (1: each round's largest)")
   parser.add_argument("--workdir", required=True, help="the base model is cached here; each run in a subfolder")
   args = parser.parse_args()
   config = config_for(args)
@@ -74,12 +89,14 @@ def main() -> None:
   state_bytes = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
   print(json.dumps({
       "clients": len(records[0]["clients"]) if "clients" in records[0] else records[0]["clients_summary"]["count"],
-      "per_round": args.per_round, "aggregator": args.aggregator, "round": steady["round"],
+      "per_round": args.per_round, "aggregator": args.aggregator, "stream_sizes": args.stream_sizes,
+      "round": steady["round"],
       "round_seconds": steady["seconds"], "trained_samples": samples,
       "seconds_per_sample": steady["seconds"] / max(samples, 1),
       "all_round_seconds": [r["seconds"] for r in records], "total_seconds": round(total, 1),
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "checkpoint_mib": round(state_bytes / 2**20, 1)}))
+      "checkpoint_mib": round(state_bytes / 2**20, 1),
+      "client_state_mib": round(client_state_bytes(run_dir / "checkpoints") / 2**20, 1)}))
 
 
 if __name__ == "__main__":
