@@ -166,22 +166,23 @@ def test_planned_sizes_pad_the_least_and_each_step_runs_at_the_smallest_that_hol
   assert stream.plan_sizes(groups, 2) == ((B(928, 4), B(928, 4)),)  # 900 rounded up (round_up)
 
 
-def test_round_budgets_of_waves_are_taken_over_lanes():
-  """Lanes: a wave's step holds the tokens of its V lanes, so a budget must hold the most tokens that any
-  wave has over its lanes (summing over the waves instead would be too small when W < V)."""
+def test_round_needs_of_waves_are_taken_over_lanes():
+  """Lanes: a wave's step holds the tokens of its V lanes, so its needs are its tokens and rows over its
+  lanes (summing over the waves instead would be too small when W < V)."""
   rs = np.random.RandomState(5)
   W, V, R, T = 2, 6, 2, 8
   segment_ids = rs.randint(1, 3, (W, V, R, T)) * (rs.rand(W, V, R, T) < 0.9)
   step_mask = np.ones((W, V), bool)
   waves = training.ClientBatches(segment_ids, segment_ids, segment_ids, segment_ids, step_mask)
   lc = training.LocalConfig(split=None, optimizer=None, stream_groups=2)
-  budgets = training.stream_budgets(waves, lc, waves=True)
-  for (a, b), budget in zip(stream.group_bounds(V, 2), budgets):
+  needs = training.stream_needs(waves, lc, waves=True)
+  assert needs.shape == (W, 2, 2)
+  for g, (a, b) in enumerate(stream.group_bounds(V, 2)):
     valid = segment_ids[:, a:b] > 0
-    assert budget.tokens >= valid.sum(axis=(1, 2, 3)).max()
-    assert budget.rows >= valid.any(-1).sum(axis=(1, 2)).max()
-  flat = training.stream_budgets(waves, lc)  # the [C, S] reading: members = waves
-  assert len(flat) == 2 and flat != budgets
+    np.testing.assert_array_equal(needs[:, g, 0], valid.sum(axis=(1, 2, 3)))
+    np.testing.assert_array_equal(needs[:, g, 1], valid.any(-1).sum(axis=(1, 2)))
+  flat = training.stream_needs(waves, lc)  # the [C, S] reading: members = waves
+  assert flat.shape == (V, 2, 2)
 
 
 def _dropout_round(path, groups=1, lanes=0, seed=4, sizes=1):

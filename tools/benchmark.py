@@ -15,9 +15,10 @@ norm clipping at 1.0, as the reference's Trainer). Batches are prepared before t
 The torch side pads each batch to its longest example rounded up to a multiple of 8, as the reference's
 DataCollatorForSeq2Seq(pad_to_multiple_of=8); ours packs the suffixes after the shared prompt prefix into
 rows (docs/data.md) and streams them, each step at the smallest of --stream_sizes token budgets planned
-over the round (as a run plans them over its rounds). Each side runs in its own subprocess (peak RSS is per side); one round is the
-warm-up (it includes our compilation), then --reps rounds are timed and the median is reported (on a
-CPU in alternating blocks of --block rounds, each turn starting with --rewarm untimed rounds).
+over the round (as a run plans them over its rounds). Each side runs in its own subprocess (peak RSS is
+per side); one round is the warm-up (it includes our compilation), then --reps rounds are timed and the
+median is reported (on a CPU in alternating blocks of --block rounds, each turn starting with --rewarm
+untimed rounds).
 
 Counted: samples = training examples processed per round; tokens = their real (non-pad) tokens, prefix
 included; model FLOPs per sample = fellrec_jax.analysis.flops.training_flops of the plain computation (see there
@@ -385,7 +386,8 @@ def jax_side(spec: dict):
   rss_before = current_rss_mb()
   losses, last = [], {}
   placed = put(training.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))
-  sizes = planned_sizes(batches, lc, lanes, placed, spec.get("stream_sizes", 1))
+  sizes = planned_sizes(batches, lc, lanes, placed, spec.get("stream_sizes", 1))  # placement: streamed or not
+  del placed
 
   def one_round():
     states = put(training.init_client_states(jax.tree.map(jnp.array, stacked), lc, jax.random.PRNGKey(0)))

@@ -462,13 +462,6 @@ def _multiprocess_needs(batches: ClientBatches, lc: LocalConfig) -> np.ndarray:
   return np.max(multihost_utils.process_allgather(local), axis=0)
 
 
-def stream_budgets(batches: ClientBatches, lc: LocalConfig, waves: bool = False,
-                   shards: int = 1) -> tuple[stream.Budgets, ...]:
-  """The budgets (one per group) that hold every step of a round's streams (`stream_needs`), rounded up."""
-  needs = stream_needs(batches, lc, waves, shards)
-  return tuple(stream.fit(needs[:, g]) for g in range(needs.shape[1]))
-
-
 def round_needs(batches, lc: LocalConfig, waves: bool = False, mesh=None) -> np.ndarray:
   """`stream_needs` of a round's steps: over waves (`arrange`) on the lanes path, per device shard on a
   client mesh (`client_mesh`), else over all clients' steps."""

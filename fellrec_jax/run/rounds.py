@@ -180,12 +180,8 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
   limit = valid.tokens.shape[2]
   bucket = np.asarray([row_bucket(int(r), limit) for r in used_rows(valid)[clients]])
   total, count = np.zeros(len(clients)), np.zeros(len(clients))
-  calls = [(rows, group[start:start + per_call], per_call)
-           for rows in np.unique(bucket)
-           for group, per_call in [(np.flatnonzero(bucket == rows), max(1, chunk * limit // rows))]
-           for start in range(0, len(group), per_call)]
-  for rows, slots, per_call in tqdm(calls, desc=f"validating {len(clients)} clients", unit="call", leave=False,
-                                    disable=len(clients) < batching.PROGRESS_MIN_CLIENTS):
+  for rows, slots, per_call in tqdm(validation_calls(bucket, chunk * limit), desc=f"validating {len(clients)} clients",
+                                    unit="call", leave=False, disable=len(clients) < batching.PROGRESS_MIN_CLIENTS):
     real = np.arange(per_call) < len(slots)
     index = clients[slots[np.minimum(np.arange(per_call), len(slots) - 1)]]
     part = jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :rows], valid)
@@ -194,6 +190,16 @@ def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = No
                                    run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
     total[slots], count[slots] = np.asarray(t, np.float64)[real], np.asarray(c, np.float64)[real]
   return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def validation_calls(bucket: np.ndarray, row_limit: int) -> list[tuple[int, np.ndarray, int]]:
+  """(rows kept, positions in `bucket` validated, clients per call) of each validation call: the clients
+  of each row group (`bucket` [n]: each one's rows, rounded up) in calls of as many as `row_limit` rows hold."""
+  calls = []
+  for rows in np.unique(bucket):
+    group, per_call = np.flatnonzero(bucket == rows), max(1, row_limit // int(rows))
+    calls += [(int(rows), group[start:start + per_call], per_call) for start in range(0, len(group), per_call)]
+  return calls
 
 
 def used_rows(batches: training.ClientBatches) -> np.ndarray:
