@@ -53,6 +53,18 @@ def test_shared_prefix_by_hand():
   assert len(batching.shared_prefix([a, b], enabled=False)[0]) == 0
 
 
+def test_plan_holds_its_suffixes_not_the_encoded_examples():
+  """A plan keeps copies of the suffixes after the prefix: a view would keep every whole encoded example
+  (its prefix included) alive for the run, which at 10,000 clients is ~100 MiB."""
+  clients = _clients()
+  plan = batching.make_plan(clients, prefix_len=3, batch_size=3, local_epochs=1, seed=0, num_rounds=1, row_len=8)
+  for encoded, suffixes in zip(clients, plan.suffixes):
+    for (ids, mask), (suffix_ids, suffix_mask) in zip(encoded, suffixes):
+      np.testing.assert_array_equal(suffix_ids, ids[3:])
+      np.testing.assert_array_equal(suffix_mask, mask[3:])
+      assert not np.shares_memory(suffix_ids, ids) and not np.shares_memory(suffix_mask, mask)
+
+
 def test_first_fit_decreasing_by_hand():
   # Sorted: 6 (i4), 5 (i0), 4 (i2), 3 (i1), 2 (i3) into rows of 8:
   # 6 -> row 0 (2 left); 5 -> row 1 (3 left); 4 -> row 2; 3 -> row 1 (0 left); 2 -> row 0.

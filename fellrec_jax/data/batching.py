@@ -235,7 +235,8 @@ def _suffix(example: Example, prefix_len: int, client: int, index: int) -> Examp
   if len(ids) <= prefix_len:
     raise DataError(f"client {client} example {index} has {len(ids)} tokens, not more than the "
                     f"shared prefix ({prefix_len})")
-  return np.asarray(ids[prefix_len:], np.int32), np.asarray(mask[prefix_len:], np.float32)
+  # Copies: a view would keep the whole encoded example (its prefix included) alive for the run.
+  return np.array(ids[prefix_len:], np.int32), np.array(mask[prefix_len:], np.float32)
 
 
 def _check_fits(lengths: Sequence[np.ndarray], row_len: int) -> None:
