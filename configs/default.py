@@ -164,6 +164,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.fed.rounds = 2
   c.fed.local_epochs = 1
   c.fed.split_k = 1
+  c.fed.stream_sizes = 1  # one compiled step: in a run of seconds, compiling is most of the time
   c.eval.max_new_tokens = 8
   c.eval.num_beams = 2
   c.eval.max_test_users = 4
