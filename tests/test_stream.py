@@ -104,7 +104,7 @@ def planned_sizes(batches, lc, count, waves=False):
   """(each step's size, the sizes): `count` sizes planned over the steps of `batches`, as a run plans them;
   with two or more, the steps must not all run at one size (else the test would not test sizes)."""
   needs = training.round_needs(batches, lc, waves=waves)
-  size, sizes = training.step_sizes(needs, stream.plan_sizes(needs, count))
+  size, sizes = training.step_sizes(needs, stream.plan_sizes(needs, count, min_gain=0))
   assert len(sizes) == count and len(set(np.asarray(size).tolist())) == count
   return size, sizes
 
@@ -145,17 +145,19 @@ def test_group_budgets_hold_every_step_of_their_group():
 
 
 def test_planned_sizes_pad_the_least_and_each_step_runs_at_the_smallest_that_holds_it():
-  """Hand-computed: steps of 10, 10, 100, 100, 100 and 1,000 tokens. Two sizes: {10, 10, 100 x3} at 100 and
-  {1,000} pad 5 x 100 + 1,000 = 1,500 tokens, less than any other cut (20 + 4 x 1,000 = 4,020); three:
-  10 / 100 / 1,000 (1,320). A size holds the most rows of its steps too; ties keep fewer sizes."""
+  """Hand-computed: steps of 10, 10, 100, 100, 100 and 1,000 tokens (1,024 rounded up). Two sizes: {10, 10,
+  100 x3} at 100 and {1,000} pad 5 x 100 + 1,024 = 1,524 tokens, less than any other cut (20 + 4 x 1,024);
+  three: 10 / 100 / 1,024 (1,344), which saves 180 tokens, 2.9% of one size's 6 x 1,024: planned when a
+  size must save 2% (the default), not when it must save 5%. A size holds the most rows of its steps too."""
   tokens, rows = [10, 10, 100, 100, 100, 1000], [1, 7, 2, 3, 2, 9]
   needs = np.stack([tokens, rows], axis=-1)[:, None]  # [S, G=1, 2]
   B = stream.Budgets
   assert stream.plan_sizes(needs, 1) == ((B(1024, 9),),)
   two = stream.plan_sizes(needs, 2)
   assert two == ((B(100, 7),), (B(1024, 9),))
+  assert stream.plan_sizes(needs, 3, min_gain=0.05) == two  # the third size saves less than 5%
   assert stream.plan_sizes(needs, 3) == ((B(10, 7),), (B(100, 3),), (B(1024, 9),))
-  assert stream.plan_sizes(needs, 8) == stream.plan_sizes(needs, 3)  # three distinct sizes are all there is
+  assert stream.plan_sizes(needs, 8, min_gain=0) == stream.plan_sizes(needs, 3, min_gain=0)  # 3 distinct
   assert stream.plan_sizes(np.tile(needs[:1], (4, 1, 1)), 4) == ((B(10, 1),),)
   size, sizes = stream.size_of_steps(needs, two)
   assert size.tolist() == [0, 0, 0, 0, 0, 1] and sizes == two

@@ -121,11 +121,12 @@ def group_budgets(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1)
 # Sizes: the steps of a round run at the smallest of a few planned budgets that holds them
 
 
-def plan_sizes(needs, sizes: int) -> tuple[tuple[Budgets, ...], ...]:
+def plan_sizes(needs, sizes: int, min_gain: float = 0.02) -> tuple[tuple[Budgets, ...], ...]:
   """At most `sizes` budgets (each one per group, ascending) for steps of needs [N, G, 2] (`group_needs` of
   all the steps to run), chosen so that running every step at the smallest one that holds it pads the
-  least: the steps, ordered by their rounded tokens, are cut into `sizes` classes minimising the sum over
-  steps of their class's tokens (dynamic programming over the distinct rounded sizes)."""
+  least: the steps, ordered by their rounded tokens, are cut into classes minimising the sum over steps
+  of their class's tokens (dynamic programming over the distinct rounded sizes). A size is added only
+  while it cuts that sum by `min_gain` of the one-size sum: each size is one more compiled step."""
   needs = np.asarray(needs).reshape(-1, *np.shape(needs)[-2:])
   rounded = np.vectorize(round_up)(np.maximum(needs[..., 0], 1))  # [N, G]
   key = rounded.sum(axis=1)
@@ -140,7 +141,9 @@ def plan_sizes(needs, sizes: int) -> tuple[tuple[Budgets, ...], ...]:
       options = cost[j - 1, :i] + (before[i] - before[:i]) * values[i - 1]
       cut[j, i] = int(np.argmin(options))
       cost[j, i] = options[cut[j, i]]
-  j = int(np.argmin(cost[1:, n])) + 1
+  j = 1
+  while j < k and cost[j, n] - cost[j + 1, n] >= min_gain * cost[1, n]:
+    j += 1
   ends, i = [], n
   while i > 0:
     ends.append(i)
