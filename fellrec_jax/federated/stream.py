@@ -92,6 +92,12 @@ def fit(needs) -> Budgets:
   return Budgets(round_up(int(most[0])), round_up(int(most[1])))
 
 
+def fit_groups(needs) -> tuple[Budgets, ...]:
+  """`fit` of each group of needs [S, G, 2] (`group_needs`): one budget per group."""
+  needs = np.asarray(needs)
+  return tuple(fit(needs[:, g]) for g in range(needs.shape[1]))
+
+
 def budgets(segment_ids, step_mask, accum_steps: int = 1) -> Budgets:
   """Budgets for batches [C, S, R, T] (or waves [W, V, R, T]): the most tokens and non-empty rows that
   any step's micro-batch has over all its clients, rounded up (host-side, numpy)."""
@@ -113,8 +119,7 @@ def group_needs(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1) -
 
 def group_budgets(segment_ids, step_mask, accum_steps: int = 1, groups: int = 1) -> tuple[Budgets, ...]:
   """`budgets` of each group of clients (`group_bounds`), each group being its own stream."""
-  needs = group_needs(segment_ids, step_mask, accum_steps, groups)
-  return tuple(fit(needs[:, g]) for g in range(needs.shape[1]))
+  return fit_groups(group_needs(segment_ids, step_mask, accum_steps, groups))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,8 +155,7 @@ def plan_sizes(needs, sizes: int, min_gain: float = 0.02) -> tuple[tuple[Budgets
     i, j = cut[j, i], j - 1
   ladder, start = [], 0
   for end in sorted(ends):
-    members = needs[(inverse >= start) & (inverse < end)]
-    ladder.append(tuple(fit(members[:, g]) for g in range(needs.shape[1])))
+    ladder.append(fit_groups(needs[(inverse >= start) & (inverse < end)]))
     start = end
   return tuple(ladder)
 
@@ -161,7 +165,7 @@ def size_of_steps(needs, ladder: tuple[tuple[Budgets, ...], ...]):
   its largest budget raised where a step needs more (one more compilation))."""
   needs = np.asarray(needs)
   top = tuple(Budgets(max(b.tokens, f.tokens), max(b.rows, f.rows))
-              for b, f in zip(ladder[-1], (fit(needs[:, g]) for g in range(needs.shape[1]))))
+              for b, f in zip(ladder[-1], fit_groups(needs)))
   ladder = ladder[:-1] + (top,)
   limits = np.asarray([[[b.tokens, b.rows] for b in rung] for rung in ladder])  # [K, G, 2]
   holds = np.all(needs[:, None] <= limits[None], axis=(2, 3))  # [S, K]

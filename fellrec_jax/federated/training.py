@@ -474,7 +474,7 @@ def step_sizes(needs, sizes: Sizes | None) -> tuple[jax.Array, Sizes]:
   where a step needs more (one more compilation)."""
   needs = np.asarray(needs)
   if sizes is None:
-    sizes = (tuple(stream.fit(needs[:, g]) for g in range(needs.shape[1])),)
+    sizes = (stream.fit_groups(needs),)
   if len(sizes[0]) != needs.shape[1]:
     raise ValueError(f"{needs.shape[1]} stream groups, but sizes planned for {len(sizes[0])}")
   size, sizes = stream.size_of_steps(needs, sizes)
