@@ -9,6 +9,7 @@ import pytest
 from configs.data import get_data_config
 from fellrec_jax.data import batching
 from fellrec_jax.data.pipeline import build_federated_data
+from fellrec_jax.data.records import DataError
 from fellrec_jax.data.prompts import encode_example
 
 PAD = 3
@@ -54,15 +55,20 @@ def test_shared_prefix_by_hand():
 
 
 def test_plan_holds_its_suffixes_not_the_encoded_examples():
-  """A plan keeps copies of the suffixes after the prefix: a view would keep every whole encoded example
-  (its prefix included) alive for the run, which at 10,000 clients is ~100 MiB."""
+  """A plan keeps copies of the suffixes after the prefix, each client's in two flat arrays: a view would
+  keep every whole encoded example (its prefix included) alive for the run, which at 10,000 clients is
+  ~100 MiB, and two arrays per example cost more in overhead than in tokens."""
   clients = _clients()
   plan = batching.make_plan(clients, prefix_len=3, batch_size=3, local_epochs=1, seed=0, num_rounds=1, row_len=8)
   for encoded, suffixes in zip(clients, plan.suffixes):
+    assert len(suffixes) == len(encoded)
+    np.testing.assert_array_equal(suffixes.lengths, [len(ids) - 3 for ids, _ in encoded])
     for (ids, mask), (suffix_ids, suffix_mask) in zip(encoded, suffixes):
       np.testing.assert_array_equal(suffix_ids, ids[3:])
       np.testing.assert_array_equal(suffix_mask, mask[3:])
+      assert suffix_ids.dtype == np.int32 and suffix_mask.dtype == np.float32
       assert not np.shares_memory(suffix_ids, ids) and not np.shares_memory(suffix_mask, mask)
+      assert np.shares_memory(suffix_ids, suffixes.ids) and np.shares_memory(suffix_mask, suffixes.loss_mask)
 
 
 def test_first_fit_decreasing_by_hand():
@@ -217,3 +223,9 @@ def test_pipeline_test_cases(federated):
     assert fd.tokenizer.decode(case.prompt_ids[1:]).endswith("### Response:\n")
     assert set(case.target_item_ids).isdisjoint(case.history_item_ids)
     assert case.history_item_ids == fd.dataset.histories[case.user]
+
+
+def test_an_example_no_longer_than_the_prefix_is_a_clear_error():
+  clients = [[_example([5, 6])], [_example([7]), (np.asarray(PREFIX, np.int32), np.zeros(3, np.float32))]]
+  with pytest.raises(DataError, match=r"client 1 example 1 has 3 tokens, not more than the shared prefix \(3\)"):
+    batching.make_plan(clients, prefix_len=3, batch_size=2, local_epochs=1, seed=0, num_rounds=1, row_len=8)

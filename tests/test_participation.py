@@ -65,7 +65,7 @@ def assert_same(a, b):
 
 
 def valid_batches(run):
-  return rounds.client_data(run, run.data.valid_batches, run.num_clients)
+  return rounds.validation_data(run)
 
 
 def one_round(run, round_index=0, state=None):
@@ -171,19 +171,35 @@ def test_padded_lane_schedules_take_few_shapes():
   assert len(shapes) <= 6 and all(w % 8 == 0 or w == bound for w, _ in shapes)  # 50 rounds, a few compilations
 
 
+def used_rows(batches) -> np.ndarray:
+  """int [C]: the rows each client's packed steps use at most (a used row starts with a token of segment 1)."""
+  return np.asarray(batches.segment_ids[:, :, :, 0] > 0).sum(axis=2).max(axis=1)
+
+
+def test_validation_rows_are_those_the_packed_batches_use(base_run):
+  """Validation.rows, from the plan's lengths, equal the rows every client's packed batches really use."""
+  run = variant(base_run, clients_per_chunk=1)
+  valid = rounds.validation_data(run)
+  assert valid.held is None  # by chunks: nothing held, each call packs its clients
+  packed = run.data.valid_batches()
+  np.testing.assert_array_equal(valid.rows, used_rows(packed))
+  assert valid.rows.max() == valid.plan.rows_per_step > 1
+
+
 def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monkeypatch):
   """Every client's validation batches are padded to the largest client's rows; clients are validated in
   groups of the rows they use (rounded up to a power of two), each call keeping those rows and as many
   clients as the rows of `clients_per_chunk` padded clients allow. The losses are those of the whole
-  padded batches, up to float32 reduction order over fewer zeros, in the order the clients were asked."""
+  padded batches, up to float32 reduction order over fewer zeros, in the order the clients were asked,
+  whether a call cuts them from batches held or packs them from the plan."""
   run = variant(base_run, clients_per_chunk=1)
   valid = jax.tree.map(np.array, rounds.client_data(run, run.data.valid_batches, run.num_clients))
   R = valid.tokens.shape[2]
   assert R > 1
   for field in ("tokens", "positions", "segment_ids", "loss_mask"):  # clients 0 and 2 keep their first row only
     getattr(valid, field)[[0, 2], :, 1:] = 0
-  np.testing.assert_array_equal(rounds.used_rows(valid)[[0, 2]], 1)
-  valid = jax.tree.map(jnp.asarray, valid)
+  np.testing.assert_array_equal(used_rows(valid)[[0, 2]], 1)
+  valid = rounds.Validation(run.data.valid_plan, used_rows(valid), jax.tree.map(jnp.asarray, valid))
   adapters = state_lib.init_state(run).clients.adapters
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(adapters))))
   adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
@@ -195,7 +211,7 @@ def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monk
 
   monkeypatch.setattr(training, "validation_nll", recording)
   chunked = rounds.validation_losses(run, adapters, valid)
-  buckets = [rounds.row_bucket(int(r), R) for r in rounds.used_rows(valid)]
+  buckets = [rounds.row_bucket(int(r), R) for r in valid.rows]
   for rows in set(buckets):  # each client once, in calls of its group, as few as R rows a call allow
     counts = [len(tokens) for r, tokens in calls if r == rows]
     per_call = max(1, R // rows)
@@ -209,6 +225,11 @@ def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monk
   some = np.asarray([3, 0, 2])
   np.testing.assert_allclose(rounds.validation_losses(run, adapters, valid, some), whole[some], rtol=1e-5)
   assert np.isfinite(chunked).all() and len(set(np.round(chunked, 4))) > 1
+  # Packed from the plan (the real batches, nothing held) against all of them at once.
+  at_once = rounds.validation_data(variant(base_run, clients_per_chunk=0))
+  assert at_once.held is not None
+  whole = rounds.validation_losses(variant(base_run, clients_per_chunk=0), adapters, at_once)
+  np.testing.assert_allclose(rounds.validation_losses(run, adapters, rounds.validation_data(run)), whole, rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_round,lanes", [(3, 0), (3, 1), (0, 0), (0, 3)],

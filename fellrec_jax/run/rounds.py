@@ -4,6 +4,7 @@ client's best adapters, early stopping, and the round's metrics record (docs/met
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import NamedTuple
@@ -154,37 +155,69 @@ def eval_adapters(run: Run, adapters):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (run.num_clients, *x.shape[1:])), adapters)
 
 
-def validation_losses(run: Run, adapters, valid, clients: np.ndarray | None = None) -> np.ndarray:
+class Validation(NamedTuple):
+  """A run's validation data (`validation_data`): the validation plan, `rows` [C], the rows each client's
+  steps use, and `held`, every client's padded batches on the mesh, kept only where validation runs all
+  clients at once (`validates_at_once`); otherwise each call packs its few clients' batches from the plan,
+  so that nothing grows with the number of clients but the plan itself."""
+
+  plan: batching.BatchPlan
+  rows: np.ndarray
+  held: training.ClientBatches | None = None
+
+
+def validates_at_once(run: Run) -> bool:
+  """Whether a validation of every client is one call: without clients_per_chunk (0 or >= C), or in a
+  multi-process run (each process its own clients)."""
+  chunk = run.config.fed.clients_per_chunk
+  return not 0 < chunk < run.num_clients or jax.process_count() > 1
+
+
+def validation_data(run: Run) -> Validation:
+  plan = run.data.valid_plan
+  held = client_data(run, run.data.valid_batches, run.num_clients) if validates_at_once(run) else None
+  return Validation(plan, batching.client_rows(plan), held)
+
+
+def validation_batches(valid: Validation, index: np.ndarray, rows: int) -> training.ClientBatches:
+  """The batches of clients `index` (repeats allowed), cut to their first `rows` rows."""
+  if valid.held is not None:
+    return jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :rows], valid.held)
+  packed = training.batches_from(batching.eval_batches(valid.plan, index))
+  return jax.tree.map(lambda x: x if x.ndim < 3 else x[:, :, :rows], packed)
+
+
+def validation_losses(run: Run, adapters, valid: Validation, clients: np.ndarray | None = None) -> np.ndarray:
   """[n] token-mean validation NLL of the adapters of `clients` (None: all C; nan for a client without
   validation data).
 
   So that memory stays bounded with thousands of clients, clients are validated a few at a time, each
   call holding at most the rows of `clients_per_chunk` (else fed.clients_per_round) clients' padded
   batches: every client's batches are padded to the largest client's rows, while most clients use few
-  (`used_rows`). Clients are grouped by the rows they use, rounded up to a power of two, and each call
-  keeps only those rows, so it validates as many clients of the group as the row limit allows (the last
-  call of a group padded with masked copies); calls share a few shapes. In a multi-process run all at
-  once, each process its own.
+  (`Validation.rows`). Clients are grouped by the rows they use, rounded up to a power of two, and each
+  call keeps only those rows, so it validates as many clients of the group as the row limit allows (the
+  last call of a group padded with masked copies); calls share a few shapes. In a multi-process run all
+  at once, each process its own.
   """
   adapters = eval_adapters(run, adapters)
   C = run.num_clients
-  chunk = run.config.fed.clients_per_chunk
-  if clients is None and (not 0 < chunk < C or jax.process_count() > 1):
-    total, count = training.validation_nll(run.base, adapters, valid, run.data.prefix_ids,
+  if clients is None and validates_at_once(run):
+    total, count = training.validation_nll(run.base, adapters, valid.held, run.data.prefix_ids,
                                            run.data.prefix_loss_mask, lc=run.lc)
     total, count = (np.asarray(x, np.float64) for x in sharding.to_host((total, count)))
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
   clients = np.arange(C) if clients is None else np.asarray(clients)
   # The rows of `chunk` clients' padded batches per call: clients_per_chunk, else the participants of a round.
+  chunk = run.config.fed.clients_per_chunk
   chunk = chunk if 0 < chunk < C else min(C, run.config.fed.get("clients_per_round", 0) or C)
-  limit = valid.tokens.shape[2]
-  bucket = np.asarray([row_bucket(int(r), limit) for r in used_rows(valid)[clients]])
+  limit = valid.plan.rows_per_step
+  bucket = np.asarray([row_bucket(int(r), limit) for r in valid.rows[clients]])
   total, count = np.zeros(len(clients)), np.zeros(len(clients))
   for rows, slots, per_call in tqdm(validation_calls(bucket, chunk * limit), desc=f"validating {len(clients)} clients",
                                     unit="call", leave=False, disable=len(clients) < batching.PROGRESS_MIN_CLIENTS):
     real = np.arange(per_call) < len(slots)
     index = clients[slots[np.minimum(np.arange(per_call), len(slots) - 1)]]
-    part = jax.tree.map(lambda x: x[index] if x.ndim < 3 else x[index, :, :rows], valid)
+    part = validation_batches(valid, index, rows)
     part = part._replace(step_mask=part.step_mask & real[:, None])
     t, c = training.validation_nll(run.base, jax.tree.map(lambda x: x[index], adapters), part,
                                    run.data.prefix_ids, run.data.prefix_loss_mask, lc=run.lc)
@@ -200,12 +233,6 @@ def validation_calls(bucket: np.ndarray, row_limit: int) -> list[tuple[int, np.n
     group, per_call = np.flatnonzero(bucket == rows), max(1, row_limit // int(rows))
     calls += [(int(rows), group[start:start + per_call], per_call) for start in range(0, len(group), per_call)]
   return calls
-
-
-def used_rows(batches: training.ClientBatches) -> np.ndarray:
-  """int [C]: the rows each client's steps use at most (a step fills its rows from the first; a used row
-  starts with a token of segment 1)."""
-  return np.asarray(batches.segment_ids[:, :, :, 0] > 0).sum(axis=2).max(axis=1)
 
 
 def row_bucket(rows: int, limit: int) -> int:
@@ -284,7 +311,7 @@ def local_and_aggregate(run: Run, state: TrainState, round_index: int, roster, b
   return clients, global_clients, metrics, outcome, matrix, heat, similarity
 
 
-def run_round(run: Run, state: TrainState, round_index: int, valid) -> tuple[TrainState, dict]:
+def run_round(run: Run, state: TrainState, round_index: int, valid: Validation) -> tuple[TrainState, dict]:
   start = time.perf_counter()
   roster = round_roster(run, state, round_index)
   part = roster.participants
@@ -315,7 +342,7 @@ def changed_clients(run: Run, outcome: participation.Outcome) -> np.ndarray:
   return changed
 
 
-def updated_validation(run: Run, state: TrainState, adapters, valid, changed: np.ndarray) -> np.ndarray:
+def updated_validation(run: Run, state: TrainState, adapters, valid: Validation, changed: np.ndarray) -> np.ndarray:
   """[C] validation losses after the round: recomputed for the clients whose adapters changed (and those
   never validated), the latest ones for the others (their adapters are bit for bit the same)."""
   val = np.asarray(state.server.last_val, np.float64).copy()
@@ -381,6 +408,14 @@ def weighted_val_loss(run: Run, val: np.ndarray) -> float:
   return float(np.sum(np.where(has_val, val, 0) * n_val) / max(n_val[has_val].sum(), 1))
 
 
+@functools.partial(jax.jit, donate_argnums=(2,))
+def _keep_best(improved, adapters, best):
+  """`adapters` where `improved` [C], else `best`, written over `best` (donated: the previous best adapters,
+  as large as the clients' adapters, are not copied each round)."""
+  pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(pick, adapters, best)
+
+
 def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, round_index: int, heat,
                 changed: np.ndarray):
   """Keep each client's best adapters (by its own validation loss) and track early stopping; `changed` [C]:
@@ -389,9 +424,7 @@ def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, r
   best_val = np.asarray(server.best_val)
   has_val = ~np.isnan(val)
   improved = np.where(has_val, val < best_val, changed)  # a client without validation data keeps its latest
-  adapters = eval_adapters(run, state.clients.adapters)
-  pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-  best_adapters = jax.tree.map(pick, adapters, state.best_adapters)
+  best_adapters = _keep_best(jnp.asarray(improved), eval_adapters(run, state.clients.adapters), state.best_adapters)
   better = weighted < float(server.best_weighted)
   stale = 0 if better else int(server.stale_rounds) + 1
   stopped = stale >= run.config.fed.patience and round_index > run.config.fed.min_rounds

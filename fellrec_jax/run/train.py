@@ -59,7 +59,7 @@ def train(config, workdir) -> dict:
       files.write_json(run.workdir / "config.json", setup_lib.config_dict(config))
     mngr = checkpoint.manager(run.workdir / "checkpoints", config.keep_checkpoints)
     state = state_lib.resume_or_init(run, mngr)
-    valid = rounds.client_data(run, run.data.valid_batches, run.num_clients)
+    valid = rounds.validation_data(run)
     fingerprint = checkpoint.config_fingerprint(setup_lib.config_dict(config), state_lib.RESUMABLE_FIELDS)
     first = int(state.server.rounds_done)
     last = config.fed.rounds
