@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Under pytest-xdist every test of this module runs on one worker (--dist loadgroup, pyproject.toml),
+# so its module fixture (the benchmark's quick run) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("benchmark")
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/games_bigrec"
 

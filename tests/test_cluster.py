@@ -15,6 +15,10 @@ import pytest
 
 from fellrec_jax.run import distributed
 
+# Under pytest-xdist every test of this module runs on one worker (--dist loadgroup, pyproject.toml),
+# so its module fixture (the two-process run) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "tools" / "launch" / "local.sh"
 # The smoke config with 4 clients (one per device), ROUNDS rounds, a short evaluation.

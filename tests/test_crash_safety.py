@@ -38,6 +38,10 @@ from fellrec_jax.run import checkpoint
 from fellrec_jax.run import train
 from test_train import smoke
 
+# Under pytest-xdist every test of this module runs on one worker (--dist loadgroup, pyproject.toml),
+# so its module fixture (the uninterrupted reference run) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("crash_safety")
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL = os.environ.get("FELLREC_KILL_TEST") == "all"
 UNFINALIZED = "checkpoint_unfinalized"  # inside Orbax's save: files written, step not yet renamed

@@ -13,6 +13,10 @@ from fellrec_jax.run import evaluate as evaluation
 from fellrec_jax.run import train
 from test_train import smoke
 
+# Under pytest-xdist every test of this module runs on one worker (--dist loadgroup, pyproject.toml),
+# so its module fixture (the evaluated run) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("evaluation")
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = [f"{m}@{k}" for m in ("hr", "precision", "recall", "ndcg", "mrr") for k in (5, 10, 20)]
 

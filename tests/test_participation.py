@@ -240,7 +240,7 @@ def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round,
   differ (without the plan, several programs)."""
   config = default.get_config("smoke")
   config.fed.num_clients, config.fed.clients_per_round, config.fed.rounds = 8, per_round, 8
-  config.fed.clients_per_chunk, config.fed.stream_sizes = lanes, 4
+  config.fed.clients_per_chunk, config.fed.stream_sizes = lanes, 2
   config.pretrain.steps, config.model.num_layers = 2, 2
   run = rounds.plan_round_shapes(setup_lib.setup(config, tmp_path))
   assert len(run.round_shapes.sizes) > 1  # the steps differ: several sizes, one program

@@ -24,6 +24,10 @@ from fellrec_jax.run import tracking
 from fellrec_jax.run import train
 from test_train import smoke
 
+# Under pytest-xdist every test of this module runs on one worker (--dist loadgroup, pyproject.toml),
+# so its module fixture (the tracked run) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("run_outputs")
+
 CLIENT_FIELDS = ("train_loss", "val_loss", "lr", "warm_weight")
 
 
