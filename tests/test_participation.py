@@ -232,6 +232,15 @@ def test_validation_by_chunks_keeps_only_the_rows_its_clients_use(base_run, monk
   np.testing.assert_allclose(rounds.validation_losses(run, adapters, rounds.validation_data(run)), whole, rtol=1e-5)
 
 
+def test_best_adapters_are_updated_in_place():
+  """Improved clients take their new adapters, the others keep their best; the previous best adapters are
+  donated to the update, not copied (as large as every client's adapters: 273 MiB at 10,000 clients)."""
+  best, new = {"a": jnp.zeros((4, 3, 2))}, {"a": jnp.ones((4, 3, 2))}
+  kept = rounds._keep_best(jnp.asarray([True, False, True, False]), new, best)
+  np.testing.assert_array_equal(np.asarray(kept["a"])[:, 0, 0], [1, 0, 1, 0])
+  assert best["a"].is_deleted() and not new["a"].is_deleted()
+
+
 @pytest.mark.parametrize("per_round,lanes", [(3, 0), (3, 1), (0, 0), (0, 3)],
                          ids=["3_at_once", "3_by_lanes", "all_at_once", "all_by_lanes"])
 def test_every_round_of_a_run_runs_one_program(tmp_path, monkeypatch, per_round, lanes):
