@@ -12,7 +12,6 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -93,13 +92,8 @@ def client_shardings(tree, mesh: Mesh):
 
 def put_clients(tree, mesh: Mesh):
   """Client-stacked values, the same full value on every process, sharded over `clients` (through the
-  host, as `replicate`). Each leaf is then copied by XLA (`_owned`): on a CPU an array placed from host
-  memory cannot be donated in place, so the rounds' in-place updates of the client state (participants
-  written back, best adapters kept) would each copy the whole state the first time."""
-  return jax.tree.map(lambda x, s: _owned(jax.device_put(x, s)), to_host(tree), client_shardings(tree, mesh))
-
-
-_owned = jax.jit(jnp.copy)
+  host, as `replicate`)."""
+  return jax.device_put(to_host(tree), client_shardings(tree, mesh))
 
 
 def put_local_clients(tree, mesh: Mesh, num_clients: int):
