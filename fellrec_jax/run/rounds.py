@@ -412,8 +412,7 @@ def weighted_val_loss(run: Run, val: np.ndarray) -> float:
 def _keep_best(improved, adapters, best):
   """`adapters` where `improved` [C], else `best`, written over `best` (donated: the previous best adapters,
   as large as the clients' adapters, are not copied each round)."""
-  pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-  return jax.tree.map(pick, adapters, best)
+  return aggregation.keep_excluded(adapters, best, improved)
 
 
 def update_best(run: Run, state: TrainState, val: np.ndarray, weighted: float, round_index: int, heat,
