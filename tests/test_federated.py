@@ -259,7 +259,7 @@ adapters = fresh_adapters(C)
 one, one_metrics = run_round(base, prefix, prefix_mask, adapters, batches, lc)
 mesh = sharding.make_mesh(clients=2)
 put = lambda tree: sharding.put_clients(tree, mesh)
-states = training.init_client_states(put(jax.tree.map(np.array, adapters)), lc, jax.random.PRNGKey(9))
+states = put(training.init_client_states(jax.tree.map(np.array, adapters), lc, jax.random.PRNGKey(9)))  # as a run
 assert training.client_mesh(states) is mesh and training.streams(lc, states)
 ctx = training.RoundContext(np.int32(2), put(np.ones(C, np.float32)))
 two, two_metrics = training.local_round(sharding.replicate(base, mesh), states, put(batches), prefix, prefix_mask,
@@ -267,6 +267,10 @@ two, two_metrics = training.local_round(sharding.replicate(base, mesh), states, 
 assert len(jax.tree.leaves(two.adapters)[0].sharding.device_set) == 2
 for a, b in zip(jax.tree.leaves((one.adapters, one_metrics)), jax.tree.leaves((two.adapters, two_metrics))):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+# A round fed the previous round's states (placed as jit places its outputs) runs the same program.
+compiled = training._sharded_streamed_round_jit._cache_size()
+training.local_round(sharding.replicate(base, mesh), two, put(batches), prefix, prefix_mask, None, ctx, lc=lc)
+assert training._sharded_streamed_round_jit._cache_size() == compiled, "the second round compiled again"
 print("OK")
 """
 

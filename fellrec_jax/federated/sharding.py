@@ -69,10 +69,14 @@ def make_mesh(clients: int = 1, model: int = 1) -> Mesh:
 
 
 def _fits(spec: P, shape, mesh: Mesh) -> P:
-  """The spec, with any axis that does not divide its dimension replaced by replication."""
+  """The spec, with any axis that does not divide its dimension replaced by replication. Trailing
+  replicated axes are left out, as in the shardings jit gives its outputs: P("clients") and P("clients",
+  None) place alike but are different keys to jit, so a round fed its own outputs would compile again."""
   parts = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     parts.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+  while parts and parts[-1] is None:
+    parts.pop()
   return P(*parts)
 
 
