@@ -116,6 +116,7 @@ def test_two_processes_equal_one_device(two_process_run, tmp_path):
   log = (workdir / "train.log").read_text()
   assert "[process 0/2]" in log and "[process 1/2]" not in log
   assert sum(" round 0: weighted val loss" in line for line in log.splitlines()) == 1
+  assert "[process 0/2] streamed steps run at" in log  # sizes planned over all rounds: one program for every round
   assert "[process 1/2] round 1: weighted val loss" in out  # each process says who speaks on its console
 
 

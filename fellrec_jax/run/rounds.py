@@ -89,17 +89,18 @@ def plan_round_shapes(run: Run) -> Run:
   rounds (`stream.plan_sizes`) so that each step runs at the smallest that holds it. Every round then runs
   one compiled program, where each round's own budgets would make a new one, and a step of few tokens
   does not pay for the round's largest. A round that needs more (a retired client changed who takes
-  part) raises the largest size for itself (one more compilation). A multi-process run is returned
-  unchanged (each process holds only its clients)."""
-  if jax.process_count() > 1:
-    return run
+  part) raises the largest size for itself (one more compilation). In a multi-process run each process
+  measures the clients it holds, and the most over all processes is taken (`training.stream_needs`)."""
   per_round = run.config.fed.get("clients_per_round", 0)
   start, eligible = time.perf_counter(), np.ones(run.num_train_clients, bool)
   mesh = run.mesh if run.mesh.shape.get("clients", 1) > 1 and run.mesh.shape.get("model", 1) == 1 else None
   waves, needs = 0, []
   for r in range(run.config.fed.rounds):
     part = participation.sample_participants(run.config.seed, r, eligible, per_round)
-    batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
+    if jax.process_count() > 1:  # this process's clients, as the round places them
+      batches = participant_batches(run, r, part)
+    else:
+      batches = training.batches_from(batching.round_batches(run.train_plan, r, part))
     if 0 < run.lanes < len(part):  # by lanes: the schedule local_round makes (idle waves add no tokens)
       schedule = training.lane_schedule(np.asarray(batches.step_mask).sum(axis=1), run.lanes)
       if 0 < per_round < run.num_train_clients:  # lane_schedule pads partial participation's to `waves`
@@ -315,8 +316,7 @@ def run_round(run: Run, state: TrainState, round_index: int, valid: Validation) 
   start = time.perf_counter()
   roster = round_roster(run, state, round_index)
   part = roster.participants
-  batches = client_data(run, lambda slots: batching.round_batches(run.train_plan, round_index, part[slots]),
-                        len(part))
+  batches = participant_batches(run, round_index, part)
   ctx = round_context(run, state, round_index, part)
   clients, global_clients, metrics, outcome, matrix, heat, similarity = local_and_aggregate(
       run, state, round_index, roster, batches, ctx)
@@ -399,6 +399,11 @@ def client_data(run: Run, build, num_clients: int | None = None) -> training.Cli
   num_clients = run.num_train_clients if num_clients is None else num_clients
   local = distributed.local_clients(run.mesh, num_clients)
   return sharding.put_local_clients(training.batches_from(build(local)), run.mesh, num_clients)
+
+
+def participant_batches(run: Run, round_index: int, part: np.ndarray) -> training.ClientBatches:
+  """The round's batches of participants `part` (`client_data`)."""
+  return client_data(run, lambda slots: batching.round_batches(run.train_plan, round_index, part[slots]), len(part))
 
 
 def weighted_val_loss(run: Run, val: np.ndarray) -> float:
