@@ -14,6 +14,7 @@ from fellrec_jax.evaluation import grounding
 from fellrec_jax.evaluation import likelihood
 from fellrec_jax.model import lora
 from fellrec_jax.evaluation import recommend
+from fellrec_jax.federated import sharding
 from fellrec_jax.model import llama as model_lib
 from fellrec_jax.model import trie as trie_lib
 from test_lora import randomize
@@ -118,6 +119,18 @@ def test_catalog_likelihood_with_adapters_and_history(shop):
     expected = np.where(np.isinf(masked[expected]), -1, expected)
     np.testing.assert_array_equal(ranked[n], expected)
     np.testing.assert_allclose(scores[n][expected >= 0], masked[expected[expected >= 0]], rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_compiles_one_block_program_per_block_shape(shop):
+  """With the base placed on a mesh, as a run places it, a prompt batch's first block runs the program
+  of the blocks after it (its empty top-k is typed as theirs)."""
+  tokenizer, hf, cfg, params, texts, prompts = shop
+  responses = recommend.response_tokens(tokenizer, texts, TITLES)
+  shapes = {tuple(np.shape(x) for x in jax.tree.leaves(block)) for _, block in likelihood.trie_blocks(responses, 40)[1]}
+  base = sharding.put_base(params, sharding.make_mesh())
+  likelihood._score_block.clear_cache()
+  likelihood.rank_by_likelihood(base, {}, cfg, LCFG, prompts, responses, [[]] * 3, 5, prompt_batch=2, title_tokens=40)
+  assert likelihood._score_block._cache_size() == len(shapes) > 1
 
 
 def test_trie_csr_lookups():

@@ -96,10 +96,14 @@ def trie_logprobs(base, adapters, cache: generation.Cache, rope_PxD, first_logp_
   return first_logp_PxV[:, block.first] + later
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "depth"))
-def _prefill(base, adapters, prompt_PxT, mask_PxT, prefix, *, cfg, lcfg, depth: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "depth", "k"))
+def _prefill(base, adapters, prompt_PxT, mask_PxT, prefix, *, cfg, lcfg, depth: int, k: int):
+  """(first log-probs, cache, node rope tables, an empty running top-k). The top-k is made here, with the
+  other inputs of `_score_block`, so that it is typed (placed) as the top-k each block returns: one
+  compilation of a block's shape, not one for the first block and one for the rest."""
   logits, cache, next_pos = generation.prefill(base, adapters, prompt_PxT, mask_PxT, cfg, lcfg, 0, 1, prefix)
-  return jax.nn.log_softmax(logits, axis=-1), cache, node_rope(next_pos, depth, cfg)
+  return (jax.nn.log_softmax(logits, axis=-1), cache, node_rope(next_pos, depth, cfg),
+          topk_lib.init_topk(prompt_PxT.shape[0], k))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "k"))
@@ -144,10 +148,10 @@ def rank_by_likelihood(base, adapters, cfg, lcfg, prompts: Sequence[Sequence[int
   for start in range(0, len(prompts), prompt_batch):
     index = prompt_order[start:start + prompt_batch]
     ids, mask = grounding.left_pad([suffixes[i] for i in index], length, prompt_batch, pad_id)
-    first_logp, cache, rope = _prefill(base, adapters, ids, mask, prefix, cfg=cfg, lcfg=lcfg, depth=depth)
+    first_logp, cache, rope, best = _prefill(base, adapters, ids, mask, prefix, cfg=cfg, lcfg=lcfg, depth=depth,
+                                             k=k)
     exclude_PxH = np.full((prompt_batch, exclude_NxH.shape[1]), topk_lib.NO_ITEM, np.int32)
     exclude_PxH[:len(index)] = exclude_NxH[index]
-    best = topk_lib.init_topk(prompt_batch, k)
     for offset, block in blocks:
       best = _score_block(best, base, adapters, cache, rope, first_logp, block, offset, exclude_PxH,
                           cfg=cfg, lcfg=lcfg, k=k)
