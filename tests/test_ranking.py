@@ -1,6 +1,11 @@
 """Catalog likelihood equals a full forward per title; constrained beam search equals transformers'
 prefix_allowed_tokens_fn and only ever returns catalog titles."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -238,3 +243,16 @@ def test_trie_blocks_hold_every_title_once_within_the_node_budget():
     assert block.path.shape[1] == grounding.padded_length(max(len(responses[i]) for i in items) - 1, minimum=4)
     seen += items.tolist()
   assert len(seen) == len(responses) and len(blocks) > 1
+
+
+def test_bench_ranking_sides_in_their_own_processes_rank_alike():
+  """tools/bench_ranking.py --torch: the PyTorch process rebuilds the same tokenizer, model and prompts from
+  the seeds (its generated titles and top items equal ours), and each mode's ratio is reported."""
+  root = Path(__file__).resolve().parents[1]
+  run = subprocess.run([sys.executable, "tools/bench_ranking.py", "--items", "40", "--prompts", "4", "--max_new_tokens",
+                        "6", "--hidden", "32", "--layers", "1", "--vocab", "400", "--reps", "1", "--torch",
+                        "--modes", "grounding,likelihood"], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "same prediction: 100%" in run.stdout and "same top item: 100%" in run.stdout, run.stdout
+  assert run.stdout.count("speedup") == 2

@@ -10,23 +10,26 @@ model is random (init_params), so generation runs to --max_new_tokens (the worst
 steps on both sides). Each mode is timed cold (with compilation) and, with --warm or --torch, warm.
 
 --torch adds the PyTorch side on the same model (saved as a Hugging Face checkpoint, LoRA through PEFT),
-the same prompt tokens and catalog, one process, all cores:
+the same prompt tokens and catalog, all cores, in its own process (as tools/benchmark.py's sides: two
+runtimes' thread pools in one process slow whichever runs second):
   grounding   the reference's procedure (BIGRec): transformers `generate(num_beams=4, do_sample=False)`
               on left-padded batches of --generation_batch prompts, the text after "Response:" unquoted,
               embedded by the base model (`hidden_states[-1][:, -1]`, adapters off), L2 distance to the
               catalog's embeddings (`torch.cdist`), history excluded, top 20.
   likelihood  each prompt encoded once (`use_cache`), its cache repeated for blocks of titles, every
               title's summed log-probability, history excluded, top 20.
-The catalog's embeddings are computed once per side and not counted in prompts/s. Sides run in turns
-(ours warm-up, torch, ours timed), each side timed --reps times, the fastest kept; the ratio is our warm
-prompts/s over torch's. The predictions of both sides are compared (grounding: generated titles;
-likelihood: top items).
+The catalog's embeddings are computed once per side and not counted in prompts/s. Our side runs first
+(cold, then warm), then the PyTorch process builds the same tokenizer, model and prompts from the same
+seeds; each side is timed --reps times, the fastest kept; the ratio is our warm prompts/s over torch's.
+The predictions of both sides are compared (grounding: generated titles; likelihood: top items).
 """
 
 import argparse
 import copy
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +49,7 @@ HEADER = ("Below is an instruction that describes a task, paired with an input t
 INSTRUCTION = ("Given a list of video games the user has played before, please recommend a new video game that "
                "the user likes to the user.")
 PHRASE = "The user has played the following video games before:"
+TORCH_MODES = ("grounding", "likelihood")  # the modes with a PyTorch side
 
 
 def prompt_text(history):
@@ -99,11 +103,15 @@ def main():
   parser.add_argument("--warm", action="store_true", help="also time a second (compiled) run")
   parser.add_argument("--reps", type=int, default=3, help="timed runs per side (warm and torch); the fastest is kept")
   parser.add_argument("--torch", action="store_true", help="also run the PyTorch side and report the ratio")
+  parser.add_argument("--torch_side", metavar="FILE",
+                      help="run only the PyTorch side and write its results to FILE (what --torch starts)")
   parser.add_argument("--quick", action="store_true",
                       help="the quick size: 1,000 items, 32 prompts, grounding and likelihood")
   args = parser.parse_args()
   if args.quick:
     args.items, args.prompts, args.modes = 1000, 32, "grounding,likelihood"
+  if args.torch and set(args.modes.split(",")) - set(TORCH_MODES):
+    parser.error(f"--torch compares the modes {', '.join(TORCH_MODES)} only (--modes {args.modes})")
 
   rs = np.random.RandomState(0)
   titles, texts, histories = games(args.games, args.prompts) if args.games else synthetic(args.items, args.prompts, rs)
@@ -117,34 +125,60 @@ def main():
   prompts = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
   print(f"{len(titles)} items, {len(prompts)} prompts of {np.mean([len(p) for p in prompts]):.0f} tokens, "
         f"model d={cfg.hidden_size} L={cfg.num_layers} V={cfg.vocab_size}, {jax.devices()[0].platform}")
-  torch_model = make_torch_side(cfg, params, lcfg, adapters) if args.torch else None
   fastest = lambda fn, label: min((timed(fn, f"{label} {rep + 1}/{args.reps}") for rep in range(args.reps)),
                                   key=lambda result: result[1])
-  for mode in args.modes.split(","):
-    rcfg = recommend.RankingConfig(mode=mode, max_new_tokens=args.max_new_tokens,
-                                   generation_batch=args.generation_batch, likelihood_title_tokens=args.title_tokens)
+  configs = {mode: recommend.RankingConfig(mode=mode, max_new_tokens=args.max_new_tokens,
+                                           generation_batch=args.generation_batch,
+                                           likelihood_title_tokens=args.title_tokens)
+             for mode in args.modes.split(",")}
+  if args.torch_side:
+    torch_model = make_torch_side(cfg, params, lcfg, adapters)
+    sides = {}
+    for mode, rcfg in configs.items():
+      responses = recommend.prepare_catalog(params, cfg, tokenizer, titles, texts[:2], rcfg).responses
+      (result, seconds, prepared), _ = fastest(
+          lambda: torch_rank(torch_model, tokenizer, mode, prompts, titles, responses, histories, rcfg),
+          f"{mode} torch (catalog included)")
+      sides[mode] = {"result": np.asarray(result).tolist(), "seconds": seconds, "prepared": prepared}
+    Path(args.torch_side).write_text(json.dumps(sides))
+    return
+  ours = {}
+  for mode, rcfg in configs.items():
     start = time.perf_counter()
     catalog = recommend.prepare_catalog(params, cfg, tokenizer, titles, texts[:2], rcfg)
     prepared = time.perf_counter() - start
     rank = lambda: recommend.rank_client(params, adapters, cfg, lcfg, tokenizer, catalog, prompts, histories, rcfg)
     ranking, cold = timed(rank, f"{mode} ours, cold")
     line = f"{mode:12s} catalog {prepared:6.1f} s   rank cold {cold:6.1f} s"
-    if torch_model is not None:
-      (torch_result, torch_seconds, torch_prepared), _ = fastest(
-          lambda: torch_rank(torch_model, tokenizer, mode, prompts, titles, catalog.responses, histories, rcfg),
-          f"{mode} torch (catalog included)")
-    if args.warm or torch_model is not None:
+    if args.warm or args.torch:
       ranking, warm = fastest(rank, f"{mode} ours, warm")
       line += f"   warm {warm:6.1f} s"
-    seconds = warm if args.warm or torch_model is not None else cold
+    seconds = warm if args.warm or args.torch else cold
     generated = np.mean([len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ranking.predictions])
-    print(line + f"   ({len(prompts) / seconds:.2f} prompts/s; predictions of {generated:.1f} tokens on average)")
-    if torch_model is not None:
-      same = (np.mean([a == b for a, b in zip(ranking.predictions, torch_result)]) if mode == "grounding" else
-              np.mean(ranking.items[:, 0] == np.asarray(torch_result)[:, 0]))
-      print(f"{'':12s} torch: catalog {torch_prepared:6.1f} s   rank {torch_seconds:6.1f} s   "
-            f"({len(prompts) / torch_seconds:.2f} prompts/s)   speedup {torch_seconds / seconds:.2f}x   "
-            f"same {'prediction' if mode == 'grounding' else 'top item'}: {same:.0%}")
+    ours[mode] = (line + f"   ({len(prompts) / seconds:.2f} prompts/s; predictions of {generated:.1f} tokens on "
+                  "average)", ranking, seconds)
+    print(ours[mode][0], flush=True)
+  if not args.torch:
+    return
+  theirs = run_torch_side(sys.argv[1:])
+  print("\nsummary (ours warm, in this process; PyTorch in its own):")
+  for mode, (line, ranking, seconds) in ours.items():
+    torch_result, torch_seconds = theirs[mode]["result"], theirs[mode]["seconds"]
+    same = (np.mean([a == b for a, b in zip(ranking.predictions, torch_result)]) if mode == "grounding" else
+            np.mean(ranking.items[:, 0] == np.asarray(torch_result)[:, 0]))
+    print(line)
+    print(f"{'':12s} torch: catalog {theirs[mode]['prepared']:6.1f} s   rank {torch_seconds:6.1f} s   "
+          f"({len(prompts) / torch_seconds:.2f} prompts/s)   speedup {torch_seconds / seconds:.2f}x   "
+          f"same {'prediction' if mode == 'grounding' else 'top item'}: {same:.0%}")
+
+
+def run_torch_side(argv) -> dict:
+  """The PyTorch side's results per mode, from this script run again with --torch_side (its own process)."""
+  with tempfile.TemporaryDirectory(prefix="bench_ranking_") as directory:
+    out = Path(directory) / "torch.json"
+    subprocess.run([sys.executable, __file__, *[a for a in argv if a != "--torch"], f"--torch_side={out}"],
+                   check=True)
+    return json.loads(out.read_text())
 
 
 def timed(fn, label: str):
@@ -162,8 +196,6 @@ def timed(fn, label: str):
 
 def make_torch_side(cfg, params, lcfg, adapters):
   """transformers' LlamaForCausalLM of the same weights with the same LoRA through PEFT (eval mode)."""
-  import tempfile
-
   import peft
   import torch
   from transformers import LlamaForCausalLM
