@@ -79,7 +79,7 @@ def rounds_checkpointed(workdir):
   return max(steps, default=0)
 
 
-def assert_same_run(a, b, rtol=1e-5):
+def assert_same_run(a, b, rtol=1e-5, evaluation=True):
   ra, rb = metrics(a), metrics(b)
   assert [r["round"] for r in ra] == [r["round"] for r in rb] == list(range(len(ra)))
   for x, y in zip(ra, rb):
@@ -89,6 +89,8 @@ def assert_same_run(a, b, rtol=1e-5):
     # The mixing weights are softmax(cosine / 0.05): reduction-order round-off in the cosines moves them
     # by ~1e-5 (as in the single-process mesh test).
     np.testing.assert_allclose(x["aggregation"], y["aggregation"], rtol=0, atol=1e-4)
+  if not evaluation:
+    return
   ea, eb = (json.loads((Path(w) / "eval.json").read_text()) for w in (a, b))
   for key in ea["overall"]:
     np.testing.assert_allclose(ea["overall"][key], eb["overall"][key], rtol=1e-6, err_msg=key)
@@ -131,10 +133,11 @@ def test_killed_process_relaunched_ends_where_an_uninterrupted_run_ends(two_proc
   code, out = finish(proc)
   assert code != 0, out[-3000:]  # the launcher stops the survivor and reports the failure
   assert rounds_checkpointed(workdir) < ROUNDS
-  code, out = finish(launch(2, workdir))
+  # The evaluation of the same adapters is the two-process test's; here the training must end the same.
+  code, out = finish(launch(2, workdir, "--config.eval.at_end=False"))
   assert code == 0, out[-5000:]
   assert "resuming" in out
-  assert_same_run(reference, workdir, rtol=0)  # bitwise: the same rounds from the same checkpoint
+  assert_same_run(reference, workdir, rtol=0, evaluation=False)  # bitwise: the same rounds from the same checkpoint
   for client in range(4):
     name = f"adapters/client_{client}/adapter_model.safetensors"
     assert (workdir / name).read_bytes() == (reference / name).read_bytes()
