@@ -20,6 +20,7 @@ appears): minutes per point on 2 CPU cores.
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,11 +178,20 @@ def test_a_damaged_checkpoint_and_a_torn_metrics_line_are_repaired_on_resume(tmp
   assert (workdir / "damaged_checkpoints/2/meta/metadata").exists()
 
 
+def array_files(state_dir):
+  """The files holding a saved state's array values: each array's chunks ("0.0", ...) in its own zarr
+  directory, or the data files of an OCDBT checkpoint ("d/...")."""
+  files = [p for p in state_dir.rglob("*") if p.is_file() and (p.parent.name == "d" or
+                                                                re.fullmatch(r"\d+(\.\d+)*", p.name))]
+  assert files, f"no array files in {state_dir}"
+  return files
+
+
 def test_a_damaged_state_file_is_skipped_and_a_damaged_given_step_is_an_error(tmp_path, reference):
   _, finished, _ = reference
   directory = tmp_path / "checkpoints"
   shutil.copytree(finished / "checkpoints", directory)
-  for data in (directory / "2/state").rglob("d/*"):
+  for data in array_files(directory / "2/state"):
     data.write_bytes(data.read_bytes()[:7])
   mngr = checkpoint.manager(directory)
   like = ocp.StandardCheckpointer().metadata(directory / "1/state").item_metadata
@@ -200,7 +210,7 @@ def test_export_reads_the_checkpoint_before_a_damaged_latest_one(tmp_path, refer
   workdir = tmp_path / "run"
   shutil.copytree(finished / "checkpoints", workdir / "checkpoints")
   step, good = adapters_lib.read_checkpoint_adapters(workdir, "last", step=1)
-  for data in (workdir / "checkpoints/2/state").rglob("d/*"):
+  for data in array_files(workdir / "checkpoints/2/state"):
     data.write_bytes(data.read_bytes()[:7])
   got_step, got = adapters_lib.read_checkpoint_adapters(workdir, "last")
   assert (step, got_step) == (1, 1) and "checkpoints/2: damaged checkpoint, skipped" in caplog.text
@@ -209,6 +219,25 @@ def test_export_reads_the_checkpoint_before_a_damaged_latest_one(tmp_path, refer
   assert (workdir / "checkpoints/2").exists()  # a reader moves nothing
   with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/2: damaged checkpoint"):
     adapters_lib.read_checkpoint_adapters(workdir, "last", step=2)
+
+
+def test_checkpoints_are_arrays_in_their_own_files_and_ocdbt_ones_still_restore(tmp_path):
+  """Saves write each array in its own zarr directory (no OCDBT: its writer held half the state in memory);
+  a checkpoint written with OCDBT, as earlier versions wrote them, restores to the same values."""
+  state = {"adapters": np.arange(24, dtype=np.float32).reshape(3, 8), "server": {"round": np.array(2, np.int32)}}
+  old = ocp.CheckpointManager(tmp_path / "old", options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False, create=True))
+  old.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave({"round": 2, "layout": checkpoint.LAYOUT_VERSION})))
+  old.wait_until_finished()
+  assert (tmp_path / "old/2/state/manifest.ocdbt").exists()
+  checkpoint.save(checkpoint.manager(tmp_path / "new"), 2, state, {"round": 2})
+  assert not list((tmp_path / "new").rglob("*ocdbt*")) and (tmp_path / "new/2/state/adapters").is_dir()
+  for directory in ("old", "new"):
+    step, got, meta = checkpoint.restore(checkpoint.manager(tmp_path / directory), state)
+    assert (step, meta["round"]) == (2, 2)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_a_torn_metrics_line_is_removed_and_a_torn_middle_line_is_an_error(tmp_path, caplog):
