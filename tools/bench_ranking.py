@@ -10,8 +10,8 @@ model is random (init_params), so generation runs to --max_new_tokens (the worst
 steps on both sides). Each mode is timed cold (with compilation) and, with --warm or --torch, warm.
 
 --torch adds the PyTorch side on the same model (saved as a Hugging Face checkpoint, LoRA through PEFT),
-the same prompt tokens and catalog, all cores, in its own process (as tools/benchmark.py's sides: two
-runtimes' thread pools in one process slow whichever runs second):
+the same prompt tokens and catalog, all cores, in its own process (as tools/benchmark.py's sides: neither
+runtime's threads share a process with the other's):
   grounding   the reference's procedure (BIGRec): transformers `generate(num_beams=4, do_sample=False)`
               on left-padded batches of --generation_batch prompts, the text after "Response:" unquoted,
               embedded by the base model (`hidden_states[-1][:, -1]`, adapters off), L2 distance to the
