@@ -179,10 +179,8 @@ def test_a_damaged_checkpoint_and_a_torn_metrics_line_are_repaired_on_resume(tmp
 
 
 def array_files(state_dir):
-  """The files holding a saved state's array values: each array's chunks ("0.0", ...) in its own zarr
-  directory, or the data files of an OCDBT checkpoint ("d/...")."""
-  files = [p for p in state_dir.rglob("*") if p.is_file() and (p.parent.name == "d" or
-                                                                re.fullmatch(r"\d+(\.\d+)*", p.name))]
+  """The files holding a saved state's array values: each array's chunks ("0.0", ...) in its own directory."""
+  files = [p for p in state_dir.rglob("*") if p.is_file() and re.fullmatch(r"\d+(\.\d+)*", p.name)]
   assert files, f"no array files in {state_dir}"
   return files
 

@@ -135,7 +135,7 @@ def main():
     torch_model = make_torch_side(cfg, params, lcfg, adapters)
     sides = {}
     for mode, rcfg in configs.items():
-      responses = recommend.prepare_catalog(params, cfg, tokenizer, titles, texts[:2], rcfg).responses
+      responses = recommend.response_tokens(tokenizer, texts[:2], titles)  # what likelihood ranks
       (result, seconds, prepared), _ = fastest(
           lambda: torch_rank(torch_model, tokenizer, mode, prompts, titles, responses, histories, rcfg),
           f"{mode} torch (catalog included)")
