@@ -67,6 +67,16 @@ def packed_loss(adapters, cfg, params, inputs, labels, prefix_mask, chunk=0):
   return loss_lib.packed_nll(params, h, inputs, labels, jnp.asarray(prefix_mask, jnp.float32), cfg, chunk)
 
 
+def loss_and_grad(loss_fn, adapters):
+  """(sum, count, the adapters' gradient of sum / count) of loss_fn(adapters) -> (sum, count), as one
+  compiled program (op by op, the first test spent ~20 s compiling each primitive)."""
+  def mean(a):
+    total, count = loss_fn(a)
+    return total / count, (total, count)
+  (_, (total, count)), grad = jax.jit(jax.value_and_grad(mean, has_aux=True))(adapters)
+  return total, count, grad
+
+
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_packed_loss_and_gradients_equal_plain(setup, share, chunk):
@@ -74,23 +84,23 @@ def test_packed_loss_and_gradients_equal_plain(setup, share, chunk):
   rows = [[1, 2], [4, 0], [3]]
   T = 24 if share else 32
   inputs, labels, pmask = packed_inputs(prefix, prefix_mask, suffixes, suffix_masks, rows, T, share)
-  ref_sum, ref_count = plain_loss(adapters, cfg, params, prefix, prefix_mask, suffixes, suffix_masks)
-  got_sum, got_count = packed_loss(adapters, cfg, params, inputs, labels, pmask, chunk)
+  ref_sum, ref_count, g_ref = loss_and_grad(
+      lambda a: plain_loss(a, cfg, params, prefix, prefix_mask, suffixes, suffix_masks), adapters)
+  got_sum, got_count, g_got = loss_and_grad(lambda a: packed_loss(a, cfg, params, inputs, labels, pmask, chunk),
+                                            adapters)
   assert float(got_count) == float(ref_count)
   np.testing.assert_allclose(got_sum, ref_sum, rtol=1e-5)
-  mean = lambda fn: (lambda a: (lambda s, c: s / c)(*fn(a)))
-  g_ref = jax.grad(mean(lambda a: plain_loss(a, cfg, params, prefix, prefix_mask, suffixes, suffix_masks)))(adapters)
-  g_got = jax.grad(mean(lambda a: packed_loss(a, cfg, params, inputs, labels, pmask, chunk)))(adapters)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * float(jnp.abs(b).max()))
 
 
 def test_packing_order_does_not_matter(setup):
   cfg, params, adapters, prefix, prefix_mask, suffixes, suffix_masks = setup
-  a = packed_loss(adapters, cfg, params, *packed_inputs(prefix, prefix_mask, suffixes, suffix_masks,
-                                                        [[0, 1], [2, 3, 4]], 20, True))
-  b = packed_loss(adapters, cfg, params, *packed_inputs(prefix, prefix_mask, suffixes, suffix_masks,
-                                                        [[4], [3, 1], [0, 2], []], 24, True))
+  loss = jax.jit(packed_loss, static_argnums=1)
+  a = loss(adapters, cfg, params, *packed_inputs(prefix, prefix_mask, suffixes, suffix_masks, [[0, 1], [2, 3, 4]],
+                                                 20, True))
+  b = loss(adapters, cfg, params, *packed_inputs(prefix, prefix_mask, suffixes, suffix_masks,
+                                                 [[4], [3, 1], [0, 2], []], 24, True))
   np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
   assert float(a[1]) == float(b[1])
 
