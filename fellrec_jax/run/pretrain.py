@@ -9,6 +9,7 @@ fingerprint of everything it depends on, and reused when the fingerprint matches
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,26 +62,31 @@ def _loss(base, tokens, mask, cfg):
   return total / count
 
 
+def _optimizer(steps: int, learning_rate: float) -> optax.GradientTransformation:
+  return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps),
+                     weight_decay=0.01)
+
+
+# A module-level program: runs in one process (a study's, the tests') trace and compile it once.
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "learning_rate"))
+def _step(base, opt_state, tokens, mask, *, cfg, steps: int, learning_rate: float):
+  loss, grads = jax.value_and_grad(_loss)(base, tokens, mask, cfg)
+  updates, opt_state = _optimizer(steps, learning_rate).update(grads, opt_state, base)
+  return optax.apply_updates(base, updates), opt_state, loss
+
+
 def pretrain(cfg: model_lib.LlamaConfig, tokenizer, titles, *, steps: int, rows: int, row_len: int,
              learning_rate: float, seed: int) -> tuple[dict, list[float]]:
   """Full-parameter AdamW on title lists; (params, per-step losses)."""
   base = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps),
-                   weight_decay=0.01)
-  opt_state = tx.init(base)
-
-  @jax.jit
-  def step(base, opt_state, tokens, mask):
-    loss, grads = jax.value_and_grad(_loss)(base, tokens, mask, cfg)
-    updates, opt_state = tx.update(grads, opt_state, base)
-    return optax.apply_updates(base, updates), opt_state, loss
-
+  opt_state = _optimizer(steps, learning_rate).init(base)
   rng = np.random.default_rng(seed)
   losses = []
   for _ in tqdm(range(steps), desc="pretraining the tiny base model", unit="step"):
     rows_ = title_rows(tokenizer, titles, rows=rows, row_len=row_len, rng=rng)
     mask = rows_ >= 0
-    base, opt_state, loss = step(base, opt_state, np.where(mask, rows_, 0), mask.astype(np.int32))
+    base, opt_state, loss = _step(base, opt_state, np.where(mask, rows_, 0), mask.astype(np.int32), cfg=cfg,
+                                  steps=steps, learning_rate=learning_rate)
     losses.append(float(loss))
   return base, losses
 
