@@ -90,3 +90,10 @@ def tiny(tmp_path):
   hf = make_hf_model(**TINY_CONFIGS["gqa"])
   cfg, params = to_ours(hf, tmp_path)
   return hf, cfg, params
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked slow first (in their order), then the rest: under pytest-xdist each worker takes the next
+  test as it frees up, so the long runs start early and the workers end together instead of one of them
+  finishing a long run alone (the end-to-end runs of test_train.py came last, alphabetically)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -15,6 +15,8 @@ from configs import default, games
 from fellrec_jax.run import checkpoint
 from fellrec_jax.run import train
 
+pytestmark = pytest.mark.slow  # end-to-end runs (conftest.py starts them first)
+
 ROOT = Path(__file__).resolve().parents[1]
 GAMES = ROOT.parent / "shared/data/games_bigrec"
 
