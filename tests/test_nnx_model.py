@@ -117,15 +117,13 @@ def test_new_adapter_targets_need_nothing_outside_the_model_package(hf_dir):
   inputs = llama.plain_inputs(ids, mask)
   assert rel_error(llama.merge(cfg, lcfg, base, adapters)(inputs), ref, mask) <= 1e-5
 
-  # Each computation below as one compiled program (op by op, this test spent ~15 s compiling primitives).
-  loss_and_grads = jax.jit(split_learning.loss_and_grads, static_argnums=5)
   loss_mask = jnp.asarray(mask, jnp.float32).at[:, 0].set(0)
   no_prefix = jnp.zeros((0,))
-  unsplit = jax.jit(jax.grad(lambda a: split_learning.loss_only(
-      base, a, inputs, loss_mask, no_prefix, split_learning.SplitConfig(cfg, lcfg, 1))[0]))(adapters)
+  unsplit = jax.grad(lambda a: split_learning.loss_only(base, a, inputs, loss_mask, no_prefix,
+                                                        split_learning.SplitConfig(cfg, lcfg, 1))[0])(adapters)
   for k in range(cfg.num_layers):  # every split point, i.e. every client/server layer range
     sc = split_learning.SplitConfig(cfg, lcfg, k)
-    _, _, grads = loss_and_grads(base, adapters, inputs, loss_mask, no_prefix, sc)
+    _, _, grads = split_learning.loss_and_grads(base, adapters, inputs, loss_mask, no_prefix, sc)
     for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(unsplit)):
       np.testing.assert_allclose(g, u, rtol=1e-4, atol=1e-6 * float(jnp.abs(u).max()))
 
@@ -136,11 +134,11 @@ def test_new_adapter_targets_need_nothing_outside_the_model_package(hf_dir):
   segment_ids = jnp.asarray(mask, jnp.int32)
   batch = (rows(ids), rows(inputs.positions), rows(segment_ids), rows(loss_mask))
   budget = stream.budgets(np.asarray(batch[2])[:, None], np.ones((2, 1), bool))
-  totals, _, grads = jax.jit(stream.loss_and_grads, static_argnums=(6, 7))(
-      base, two, batch, jnp.ones(2, bool), jnp.zeros((0,), jnp.int32), no_prefix, sc, budget)
+  totals, _, grads = stream.loss_and_grads(base, two, batch, jnp.ones(2, bool), jnp.zeros((0,), jnp.int32),
+                                           no_prefix, sc, budget)
   for c in range(2):
     one = jax.tree.map(lambda x: x[c], two)
-    total, _, g_one = loss_and_grads(base, one, inputs, loss_mask, no_prefix, sc)
+    total, _, g_one = split_learning.loss_and_grads(base, one, inputs, loss_mask, no_prefix, sc)
     np.testing.assert_allclose(totals[c], total, rtol=1e-5)
     for g, u in zip(jax.tree.leaves(jax.tree.map(lambda x: x[c], grads)), jax.tree.leaves(g_one)):
       np.testing.assert_allclose(g, u, rtol=1e-4, atol=1e-6 * float(jnp.abs(u).max()))

@@ -67,7 +67,7 @@ def _optimizer(steps: int, learning_rate: float) -> optax.GradientTransformation
                      weight_decay=0.01)
 
 
-# A module-level program: runs in one process (a study's, the tests') trace and compile it once.
+# A module-level program, so that several runs in one process (a study, the tests) trace and compile it once.
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "learning_rate"))
 def _step(base, opt_state, tokens, mask, *, cfg, steps: int, learning_rate: float):
   loss, grads = jax.value_and_grad(_loss)(base, tokens, mask, cfg)
