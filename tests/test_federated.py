@@ -240,7 +240,7 @@ def test_validation_nll_matches_the_plain_loss(world):
                                           lc=local_config())
   # Every example as its own row, in one compiled program (op by op, one row at a time: ~15 s of compiling).
   plain_total, plain_count = jax.jit(plain_nll)(base, jax.tree.map(lambda x: x[0], adapters),
-                                                *padded_rows(steps[0] + steps[1], prefix, prefix_mask))
+                                                *padded_rows([e for step in steps for e in step], prefix, prefix_mask))
   np.testing.assert_allclose(total[0], plain_total, rtol=1e-5)
   assert float(count[0]) == float(plain_count)
 

@@ -36,6 +36,9 @@ def test_pretraining_learns_and_is_reused_by_fingerprint(bpe, tmp_path):
   settings = dict(steps=30, rows=4, row_len=48, learning_rate=1e-2, seed=0)
   _, losses = pretrain.pretrain(cfg, bpe, TITLES, **settings)
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+  programs = pretrain._step._cache_size()
+  _, again = pretrain.pretrain(cfg, bpe, TITLES, **settings)
+  assert again == losses and pretrain._step._cache_size() == programs  # a second run traces nothing again
   out = tmp_path / "base"
   _, first = pretrain.load_or_pretrain(out, cfg, bpe, TITLES, **{**settings, "steps": 3})
   stamp = (out / "model.safetensors").stat().st_mtime_ns
